@@ -1,0 +1,289 @@
+"""Queries and state transitions of the catalog. Every write from a worker carries its attempt (fencing token).
+
+Functions take an open Session and do not commit: the caller's unit of work (``session_scope``) does, so each
+use case is one transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from farm.catalog.models import (
+    ACTIVE_STATES,
+    CANCELLED,
+    CANCELLING,
+    CLAIMABLE_STATES,
+    FAILED,
+    PUBLISHING,
+    QUEUED,
+    READY,
+    RECOVERING,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    Adapter,
+    AdapterFile,
+    Checkpoint,
+    Job,
+    JobEvent,
+    utcnow,
+)
+from farm.errors import InvalidState, NotFound, StaleAttempt
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; the catalog stores UTC, so tag them."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's ownership of one attempt of a job."""
+
+    job_id: str
+    attempt: int
+    worker: str
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def add_event(session: Session, job_id: str, attempt: int, type_: str, *, state: str | None = None,
+              data: dict | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, attempt=attempt, type=type_, state=state, data=data))
+
+
+def create_job(session: Session, *, kind: str, name: str, queue: str, spec: dict, spec_hash: str,
+               max_attempts: int, submitted_by: str | None = None, job_id: str | None = None) -> Job:
+    job = Job(id=job_id or new_job_id(), kind=kind, name=name, queue=queue, spec=spec, spec_hash=spec_hash,
+              state=QUEUED, attempt=0, max_attempts=max_attempts, submitted_by=submitted_by)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, 0, "state", state=QUEUED, data={"queue": queue})
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        # Accept a unique prefix, as git does with commits.
+        matches = session.scalars(select(Job).where(Job.id.startswith(job_id)).limit(2)).all() if len(job_id) >= 4 else []
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"no job {job_id!r}: list jobs with `farm jobs`")
+    return job
+
+
+def list_jobs(session: Session, *, state: str | None = None, kind: str | None = None, name: str | None = None,
+              limit: int = 50, offset: int = 0) -> list[Job]:
+    q = select(Job).order_by(Job.created_at.desc(), Job.id)
+    if state:
+        q = q.where(Job.state == state)
+    if kind:
+        q = q.where(Job.kind == kind)
+    if name:
+        q = q.where(Job.name == name)
+    return list(session.scalars(q.limit(limit).offset(offset)))
+
+
+def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float) -> Claim | None:
+    """Atomically take a queued or recovering job (compare-and-set). None: someone else has it, or it is over."""
+    now = utcnow()
+    current = session.execute(select(Job.attempt, Job.state, Job.max_attempts).where(Job.id == job_id)).first()
+    if current is None or current.state not in CLAIMABLE_STATES or current.attempt >= current.max_attempts:
+        return None
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(CLAIMABLE_STATES), Job.attempt == current.attempt)
+        .values(state=RUNNING, attempt=current.attempt + 1, worker=worker,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                started_at=func.coalesce(Job.started_at, now))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    attempt = current.attempt + 1
+    add_event(session, job_id, attempt, "state", state=RUNNING, data={"worker": worker})
+    return Claim(job_id, attempt, worker)
+
+
+def _fenced(session: Session, claim: Claim, states=ACTIVE_STATES) -> Job:
+    job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.attempt != claim.attempt or job.state not in states:
+        raise StaleAttempt(
+            f"job {claim.job_id} attempt {claim.attempt} no longer owns the job "
+            f"(now attempt {job.attempt if job else '?'}, state {job.state if job else 'gone'})"
+        )
+    return job
+
+
+def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> str:
+    """Heartbeat: extend the lease. Returns the job's state (``cancelling`` tells the worker to stop)."""
+    job = _fenced(session, claim)
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+    return job.state
+
+
+def record_progress(session: Session, claim: Claim, progress: dict, *, event_type: str = "progress") -> None:
+    """Store the latest progress on the job and append it as an event."""
+    job = _fenced(session, claim)
+    if event_type == "progress":
+        job.progress = progress
+    add_event(session, job.id, claim.attempt, event_type, data=progress)
+
+
+def record_checkpoint(session: Session, claim: Claim, step: int, prefix: str, files: list[dict]) -> None:
+    job = _fenced(session, claim)
+    existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+    if existing is not None:
+        existing.attempt, existing.prefix, existing.files = claim.attempt, prefix, files
+    else:
+        session.add(Checkpoint(job_id=job.id, attempt=claim.attempt, step=step, prefix=prefix, files=files))
+    add_event(session, job.id, claim.attempt, "checkpoint", data={"step": step, "prefix": prefix})
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    return session.scalar(
+        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
+    )
+
+
+def fail_job(session: Session, claim: Claim, code: str, message: str) -> None:
+    """End the attempt failed; the job is over (retry policy lives in the reaper for lost workers)."""
+    job = _fenced(session, claim)
+    job.state, job.error_code, job.error_message = FAILED, code, message[:10_000]
+    job.finished_at, job.lease_expires_at = utcnow(), None
+    add_event(session, job.id, claim.attempt, "state", state=FAILED, data={"code": code, "message": message[:2000]})
+
+
+def mark_cancelled(session: Session, claim: Claim) -> None:
+    job = _fenced(session, claim)
+    job.state, job.finished_at, job.lease_expires_at = CANCELLED, utcnow(), None
+    add_event(session, job.id, claim.attempt, "state", state=CANCELLED)
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Queued or recovering jobs end cancelled at once; running ones go to cancelling and their worker stops them."""
+    job = get_job(session, job_id)
+    session.refresh(job, with_for_update=True)
+    if job.state in TERMINAL_STATES:
+        raise InvalidState(f"job {job.id} is already {job.state}; nothing to cancel")
+    if job.state in (QUEUED, RECOVERING):
+        job.state, job.finished_at = CANCELLED, utcnow()
+    elif job.state == RUNNING:
+        job.state = CANCELLING
+    add_event(session, job.id, job.attempt, "state", state=job.state)
+    return job
+
+
+def reap_expired_leases(session: Session, now: datetime | None = None) -> list[str]:
+    """Jobs whose worker vanished: back to ``recovering`` (returned, to re-enqueue) or ``failed`` when out of attempts."""
+    now = now or utcnow()
+    expired = session.scalars(
+        select(Job).where(Job.state.in_(ACTIVE_STATES), Job.lease_expires_at < now).with_for_update(skip_locked=True)
+    ).all()
+    requeue = []
+    for job in expired:
+        if job.state == CANCELLING:
+            job.state, job.finished_at = CANCELLED, now
+        elif job.attempt >= job.max_attempts:
+            job.state, job.finished_at = FAILED, now
+            job.error_code = job.error_code or "worker_lost"
+            job.error_message = (job.error_message or "") + (
+                f"\nworker {job.worker} stopped heartbeating; all {job.max_attempts} attempts used"
+            )
+        else:
+            job.state = RECOVERING
+            requeue.append(job.id)
+        job.lease_expires_at = None
+        add_event(session, job.id, job.attempt, "state", state=job.state, data={"reason": "lease expired"})
+    return requeue
+
+
+def claimable_job_ids(session: Session) -> list[tuple[str, str]]:
+    """(id, queue) of every job waiting for a worker; used to re-ring the doorbell after a lost message."""
+    return [(r.id, r.queue) for r in session.execute(select(Job.id, Job.queue).where(Job.state.in_(CLAIMABLE_STATES)))]
+
+
+def reserve_adapter_version(session: Session, claim: Claim, *, name: str, kind: str, spec_hash: str) -> Adapter:
+    """Reserve the next version of `name` for this job (idempotent: a job keeps its version across retries)."""
+    job = _fenced(session, claim)
+    existing = session.scalar(select(Adapter).where(Adapter.job_id == job.id))
+    if existing is not None:
+        return existing
+    version = (session.scalar(select(func.max(Adapter.version)).where(Adapter.name == name)) or 0) + 1
+    adapter = Adapter(name=name, version=version, status=PUBLISHING, job_id=job.id, kind=kind,
+                      prefix=f"adapters/{name}/v{version}/", spec_hash=spec_hash)
+    session.add(adapter)
+    session.flush()
+    return adapter
+
+
+def publish_adapter(session: Session, claim: Claim, *, files: list[dict], provenance: dict, metrics: dict,
+                    base_model: str | None = None, base_model_sha256: str | None = None,
+                    dataset_uri: str | None = None, dataset_sha256: str | None = None,
+                    source_model: str | None = None, source_model_sha256: str | None = None,
+                    parent_adapter_id: int | None = None) -> Adapter:
+    """One transaction: the reserved version becomes ready with its files and provenance, the job succeeds.
+
+    Publishing again for a job that already succeeded returns the same adapter version.
+    """
+    job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
+    adapter = session.scalar(select(Adapter).where(Adapter.job_id == claim.job_id))
+    if job is not None and job.state == SUCCEEDED and adapter is not None and adapter.status == READY:
+        return adapter
+    job = _fenced(session, claim)
+    if adapter is None:
+        raise InvalidState(f"job {job.id} has no reserved adapter version; call reserve_adapter_version first")
+    adapter.status, adapter.published_at = READY, utcnow()
+    adapter.provenance, adapter.metrics = provenance, metrics
+    adapter.base_model, adapter.base_model_sha256 = base_model, base_model_sha256
+    adapter.dataset_uri, adapter.dataset_sha256 = dataset_uri, dataset_sha256
+    adapter.source_model, adapter.source_model_sha256 = source_model, source_model_sha256
+    adapter.parent_adapter_id = parent_adapter_id
+    for f in files:
+        adapter.files.append(AdapterFile(path=f["path"], size=f["size"], sha256=f["sha256"], etag=f.get("etag")))
+    job.state, job.finished_at, job.lease_expires_at = SUCCEEDED, utcnow(), None
+    add_event(session, job.id, claim.attempt, "state", state=SUCCEEDED,
+              data={"adapter": f"{adapter.name}:{adapter.version}"})
+    return adapter
+
+
+def list_adapters(session: Session, name: str | None = None) -> list[Adapter]:
+    q = select(Adapter).where(Adapter.status == READY).order_by(Adapter.name, Adapter.version.desc())
+    if name:
+        q = q.where(Adapter.name == name)
+    return list(session.scalars(q))
+
+
+def get_adapter(session: Session, name: str, version: int | None = None) -> Adapter:
+    """A ready adapter version (the latest when version is None), with its files loaded."""
+    q = select(Adapter).where(Adapter.name == name, Adapter.status == READY).options(selectinload(Adapter.files))
+    q = q.where(Adapter.version == version) if version is not None else q.order_by(Adapter.version.desc())
+    adapter = session.scalars(q.limit(1)).first()
+    if adapter is None:
+        what = f"{name}:{version}" if version is not None else name
+        raise NotFound(f"no adapter {what!r}: list adapters with `farm adapters`")
+    return adapter
+
+
+def adapter_for_job(session: Session, job_id: str) -> Adapter | None:
+    return session.scalar(select(Adapter).where(Adapter.job_id == job_id, Adapter.status == READY))
+
+
+def job_events(session: Session, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+    return list(session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(limit)
+    ))
+
+
+def count_jobs_by_state(session: Session) -> dict[str, int]:
+    return {s: n for s, n in session.execute(select(Job.state, func.count()).group_by(Job.state))}

@@ -1,0 +1,324 @@
+"""Job specs: what a user submits. Every default lives here, and every field is validated at the door.
+
+Field docstrings become the CLI's ``--help`` and the API's OpenAPI descriptions
+(``use_attribute_docstrings``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from farm.errors import SpecError
+
+ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DatasetFormat = Literal["chat", "alpaca", "completion", "text"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class DatasetSpec(_Spec):
+    """Where the training data is and how to read it."""
+
+    path: str
+    """JSONL file: a local path, a `store://datasets/<sha256>.jsonl` reference, or `s3://bucket/key`."""
+    format: DatasetFormat = "chat"
+    """chat (`messages` with roles), alpaca (`instruction`, `input`, `output`), completion (`prompt`, `completion`), text (`text`)."""
+    eval_path: str | None = None
+    """Optional separate eval file, same format."""
+    eval_fraction: float | None = Field(None, gt=0, lt=0.5)
+    """Hold out this fraction of the training file for eval (split with `training.seed`). Exclusive with eval_path."""
+    too_long: Literal["truncate", "drop"] = "truncate"
+    """What to do with examples longer than `training.max_seq_len`; the count is reported."""
+
+    @model_validator(mode="after")
+    def _one_eval_source(self):
+        if self.eval_path is not None and self.eval_fraction is not None:
+            raise ValueError("give eval_path or eval_fraction, not both")
+        return self
+
+
+class LoraSpec(_Spec):
+    """The LoRA adapter's shape."""
+
+    r: int = Field(8, ge=1, le=1024)
+    """Rank of the update matrices."""
+    alpha: float = Field(16, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = "all-linear"
+    """`all-linear`, or module name suffixes such as [q_proj, v_proj]."""
+
+    @model_validator(mode="after")
+    def _non_empty_targets(self):
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is empty: give module names or 'all-linear'")
+        return self
+
+
+class QuantizationSpec(_Spec):
+    """How the frozen base model is stored in memory (bitsandbytes)."""
+
+    bits: Literal[4, 8, 16] = 4
+    """4 = QLoRA (nf4/fp4), 8 = LLM.int8, 16 = no quantization (plain LoRA)."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype of the matmuls and of the LoRA weights' computation."""
+
+
+class TrainingParams(_Spec):
+    """Optimization hyperparameters."""
+
+    epochs: int = Field(1, ge=1, le=1000)
+    """Passes over the training data (ignored once max_steps is reached)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    lr: float = Field(2.0e-4, gt=0, le=1)
+    """Peak learning rate (AdamW)."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip gradients to this global norm; null disables clipping."""
+    micro_batch_size: int = Field(2, ge=1, le=4096)
+    """Sequences per forward pass."""
+    grad_accum: int = Field(1, ge=1, le=4096)
+    """Micro-batches accumulated per optimizer step."""
+    max_seq_len: int = Field(512, ge=8, le=1_048_576)
+    """Longest sequence in tokens; longer examples are truncated or dropped (dataset.too_long)."""
+    packing: bool = False
+    """Pack several short examples per sequence, without attention across example boundaries."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 42
+    """Seed of data order, splits, dropout and LoRA init: the same seed gives the same loss curve."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate every N steps (and always at the end when there is eval data)."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop when eval loss has not improved for this many evaluations."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Save a resumable checkpoint to the store every N steps."""
+
+
+class DeepSpeedSpec(_Spec):
+    """DeepSpeed ZeRO for jobs that span several devices."""
+
+    stage: Literal[2, 3] = 2
+    """ZeRO stage: 2 shards optimizer state and gradients, 3 also the parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (stage 3 only)."""
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self):
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3")
+        return self
+
+
+class ResourcesSpec(_Spec):
+    """What the job needs; it decides the queue."""
+
+    gpus: int = Field(0, ge=0, le=1024)
+    """Devices for the job: 0 runs on a CPU worker; N > 1 needs a worker that owns N devices."""
+    cpu_slots: int = Field(1, ge=1, le=256)
+    """For CPU jobs: processes to run (N > 1 means a multi-process DeepSpeed job on an N-slot CPU worker)."""
+    timeout_minutes: float | None = Field(None, gt=0)
+    """Kill the job after this long (each attempt)."""
+
+    @property
+    def devices(self) -> int:
+        return self.gpus if self.gpus > 0 else self.cpu_slots
+
+    @model_validator(mode="after")
+    def _slots_only_for_cpu(self):
+        if self.gpus > 0 and self.cpu_slots != 1:
+            raise ValueError("cpu_slots is for CPU jobs (gpus: 0); set gpus instead")
+        return self
+
+
+class TrainSpec(_Spec):
+    """A (Q)LoRA training job."""
+
+    kind: Literal["train"] = "train"
+    """Job kind."""
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    """Adapter name: lowercase letters, digits, '-' and '_', at most 64 characters; each success adds a version."""
+    base_model: str = Field(min_length=1)
+    """Base model: a local directory, s3://bucket/prefix, or a hub id (already in the worker's cache)."""
+    base_revision: str | None = None
+    """Hub revision of the base model."""
+    continue_from: str | None = None
+    """Start from an existing adapter NAME[:VERSION] instead of fresh LoRA weights (recorded as lineage)."""
+    dataset: DatasetSpec
+    """Training data."""
+    lora: LoraSpec = LoraSpec()
+    """Adapter shape."""
+    quantization: QuantizationSpec = QuantizationSpec()
+    """Base model quantization."""
+    training: TrainingParams = TrainingParams()
+    """Hyperparameters."""
+    deepspeed: DeepSpeedSpec | None = None
+    """DeepSpeed ZeRO settings; needed when the job uses more than one device."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Devices the job needs."""
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        devices = self.resources.devices
+        if devices > 1 and self.deepspeed is None:
+            raise ValueError("a job on more than one device needs a `deepspeed:` section (stage 2 or 3)")
+        if self.deepspeed is not None and self.quantization.bits == 8:
+            raise ValueError("8-bit quantization cannot be sharded by ZeRO: use bits 4 or 16 with deepspeed")
+        if (
+            self.deepspeed is not None
+            and self.deepspeed.stage == 3
+            and self.quantization.bits == 4
+            and self.deepspeed.offload_params
+        ):
+            raise ValueError("ZeRO-3 parameter offload does not work with 4-bit weights: drop offload_params")
+        return self
+
+
+class ExtractSpec(_Spec):
+    """Factor a LoRA out of the difference between a fine-tuned model and its base."""
+
+    kind: Literal["extract"] = "extract"
+    """Job kind."""
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    """Adapter name (same rules as training)."""
+    base_model: str = Field(min_length=1)
+    """Base model: local directory, s3://bucket/prefix, or hub id."""
+    finetuned_model: str = Field(min_length=1)
+    """Fully fine-tuned model of the same architecture and shapes."""
+    rank: int | None = Field(None, ge=1, le=4096)
+    """Fixed rank for every layer (exclusive with energy)."""
+    energy: float | None = Field(None, gt=0, le=1)
+    """Keep, per layer, the smallest rank retaining this share of ||dW||^2, capped by max_rank."""
+    max_rank: int = Field(128, ge=1, le=4096)
+    """Upper bound on any layer's rank."""
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = "all-linear"
+    """Which linear layers to factor."""
+    svd: Literal["randomized", "exact"] = "randomized"
+    """randomized (range finder + power iterations, checked against rho <= 1.01) or exact."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Devices the job needs."""
+
+    @model_validator(mode="after")
+    def _rank_or_energy(self):
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        if self.rank is not None and self.rank > self.max_rank:
+            raise ValueError(f"rank {self.rank} is larger than max_rank {self.max_rank}")
+        return self
+
+
+JobSpec = Annotated[Union[TrainSpec, ExtractSpec], Field(discriminator="kind")]
+_job_spec_adapter: TypeAdapter = TypeAdapter(JobSpec)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        # Drop the discriminator tag pydantic puts first in a union location.
+        for tag in ("train.", "extract."):
+            if loc.startswith(tag):
+                loc = loc[len(tag):]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see `farm submit --help-spec`)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"{source}: {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: object, source: str = "spec") -> TrainSpec | ExtractSpec:
+    """Validate a spec given as a mapping; raise SpecError naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    if "kind" not in data:
+        raise SpecError(f"{source}: kind: missing (use 'train' or 'extract')", field="kind")
+    if data.get("kind") not in ("train", "extract"):
+        raise SpecError(f"{source}: kind: must be 'train' or 'extract', got {data.get('kind')!r}", field="kind")
+    try:
+        return _job_spec_adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"][1:]) or None
+        raise SpecError(_format_validation_error(exc, source), field=field) from None
+
+
+def load_spec(path: str | Path) -> TrainSpec | ExtractSpec:
+    """Read and validate a YAML (or JSON) spec file. Relative local paths inside it resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    spec = parse_spec(data, source=str(path))
+    return resolve_local_paths(spec, path.parent)
+
+
+def _is_local(ref: str) -> bool:
+    return "://" not in ref and (ref.startswith((".", "/", "~")) or Path(ref).exists())
+
+
+def resolve_local_paths(spec, base_dir: Path):
+    """Make relative local paths in a spec absolute (relative to the spec file's folder)."""
+
+    def fix(ref: str | None) -> str | None:
+        if ref is None or not _is_local(ref):
+            return ref
+        p = Path(ref).expanduser()
+        if not p.is_absolute():
+            p = (base_dir / p)
+        return str(p.resolve())
+
+    if isinstance(spec, TrainSpec):
+        ds = spec.dataset.model_copy(update={"path": fix(spec.dataset.path), "eval_path": fix(spec.dataset.eval_path)})
+        return spec.model_copy(update={"base_model": fix(spec.base_model), "dataset": ds})
+    return spec.model_copy(update={"base_model": fix(spec.base_model), "finetuned_model": fix(spec.finetuned_model)})
+
+
+def spec_to_dict(spec) -> dict:
+    """The resolved spec with every default filled in, as JSON-able data."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec) -> str:
+    """sha256 of the canonical JSON of the resolved spec."""
+    canon = json.dumps(spec_to_dict(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def queue_for(spec) -> str:
+    """The Celery queue that serves this spec's resources: farm.cpu, farm.cpu.N, farm.gpu.N."""
+    res = spec.resources
+    if res.gpus > 0:
+        return f"farm.gpu.{res.gpus}"
+    return "farm.cpu" if res.cpu_slots == 1 else f"farm.cpu.{res.cpu_slots}"

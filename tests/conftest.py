@@ -1,0 +1,18 @@
+"""Shared fixtures. Each area keeps its own fixtures in tests/fixtures/<area>.py, registered here."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures.services",
+    "tests.fixtures.s3",
+    "tests.fixtures.models",
+]
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
