@@ -14,13 +14,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",  # every column: two uniques may share the first
     "ck": "ck_%(table_name)s_%(constraint_name)s",
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
@@ -42,11 +43,30 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class UTCDateTime(DateTime):
-    """Timezone-aware on PostgreSQL; SQLite gives naive values back, which repository code treats as UTC."""
+class UTCDateTime(TypeDecorator):
+    """A UTC timestamp, read back timezone-aware on every database.
+
+    PostgreSQL stores ``timestamptz``; SQLite stores naive text, so values are converted to UTC on the way in and
+    tagged UTC on the way out. Without this, SQLite hands back naive datetimes that cannot be compared with
+    aware ones (TypeError), and a non-UTC aware value would be stored as if it were UTC.
+    """
+
+    impl = DateTime
+    cache_ok = True
 
     def __init__(self):
         super().__init__(timezone=True)
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        # A naive value is taken to be UTC already (what utcnow().replace(tzinfo=None) and SQLite produce).
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):

@@ -164,6 +164,18 @@ def fail_job(session: Session, claim: Claim, code: str, message: str) -> None:
     add_event(session, job.id, claim.attempt, "state", state=FAILED, data={"code": code, "message": message[:2000]})
 
 
+def release_for_retry(session: Session, claim: Claim, code: str, message: str) -> bool:
+    """A transient failure: back to ``recovering`` when attempts remain (True: re-enqueue), else ``failed``."""
+    job = _fenced(session, claim)
+    if job.attempt >= job.max_attempts:
+        fail_job(session, claim, code, f"{message}\n(all {job.max_attempts} attempts used)")
+        return False
+    job.state, job.error_code, job.error_message = RECOVERING, code, message[:10_000]
+    job.lease_expires_at = None
+    add_event(session, job.id, claim.attempt, "state", state=RECOVERING, data={"code": code, "message": message[:2000]})
+    return True
+
+
 def mark_cancelled(session: Session, claim: Claim) -> None:
     job = _fenced(session, claim)
     job.state, job.finished_at, job.lease_expires_at = CANCELLED, utcnow(), None

@@ -1,0 +1,113 @@
+"""Bring a catalog database to the models' schema with Alembic (``farm db upgrade``, ``farm up``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, pool
+from sqlalchemy.engine import make_url
+
+from farm.errors import FarmError
+
+# This file is farm/catalog/migrate.py; the repository root, which holds migrations/, is two folders up. An
+# editable install (pip install -e .) imports this very file from the checkout, so the same path holds there.
+_REPO_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts folder: ``FARM_MIGRATIONS_DIR`` when set, else the checkout's ``migrations/``."""
+    candidates = []
+    if os.environ.get("FARM_MIGRATIONS_DIR"):
+        candidates.append(Path(os.environ["FARM_MIGRATIONS_DIR"]))
+    candidates += [_REPO_MIGRATIONS, Path.cwd() / "migrations"]
+    for path in candidates:
+        if (path / "env.py").is_file():
+            return path.resolve()
+    raise FarmError(
+        "the catalog's Alembic migrations were not found (looked in "
+        + ", ".join(str(p) for p in candidates)
+        + "): install the farm from its checkout (pip install -e .) or set FARM_MIGRATIONS_DIR to its migrations/"
+    )
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for this database URL, without any ini file (logging is left to the caller)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    # ConfigParser interpolates '%': a URL-encoded password (p%40ss) must reach env.py unchanged.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str | None:
+    """The newest revision in the migrations folder."""
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def _engine(url: str):
+    return create_engine(url, poolclass=pool.NullPool)
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    parsed = make_url(url)
+    return (parsed.get_backend_name() == "sqlite" and bool(parsed.database) and parsed.database != ":memory:"
+            and not Path(parsed.database).exists())
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database is at; None for a database Alembic never touched (or a missing SQLite file)."""
+    if _missing_sqlite_file(url):
+        return None  # connecting would create an empty file as a side effect
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def _adopt_unversioned_catalog(url: str) -> None:
+    """A catalog made by ``create_all`` (tests, early versions) has the tables but no Alembic history.
+
+    When its schema is exactly the models' (= head), record head instead of failing on CREATE TABLE; otherwise say
+    what differs rather than guess.
+    """
+    from alembic.autogenerate import compare_metadata
+
+    from farm.catalog.models import Base
+
+    if _missing_sqlite_file(url):
+        return
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            if not tables & set(Base.metadata.tables) or "alembic_version" in tables:
+                return
+            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    finally:
+        engine.dispose()
+    if diffs:
+        raise FarmError(
+            f"the catalog at {make_url(url).render_as_string(hide_password=True)} has tables but no migration "
+            f"history, and they differ from this farm's models ({len(diffs)} differences, first: {diffs[0]}): "
+            "back it up and migrate it by hand, or point FARM_DATABASE_URL at a new database"
+        )
+    command.stamp(alembic_config(url), "head")
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Migrate the catalog at `url` to `revision` (default: the newest). Upgrading an up-to-date one does nothing."""
+    if revision == "head":
+        _adopt_unversioned_catalog(url)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade_database(url: str, revision: str) -> None:
+    """Migrate the catalog at `url` down to `revision` ("base" drops every table of the catalog)."""
+    command.downgrade(alembic_config(url), revision)

@@ -1,0 +1,216 @@
+"""The `farm` command line: a thin front end over the service layer (or the HTTP API when FARM_API_URL is set)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from farm.cli import render
+from farm.errors import FarmError, JobFailed
+from farm.settings import get_settings
+
+app = typer.Typer(help="A training farm for LoRA/QLoRA adapters.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Catalog database commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+def _client():
+    from farm.client import get_client
+
+    return get_client()
+
+
+@app.command()
+def up() -> None:
+    """Start what is missing for the embedded defaults: a local Redis, the migrated catalog, the local store."""
+    from farm.embedded import ensure_services
+
+    for line in ensure_services(get_settings()):
+        render.console.print(line)
+
+
+@app.command()
+def worker(
+    cpu: bool = typer.Option(False, "--cpu", help="One CPU worker (serves the farm.cpu queue)."),
+    cpus: Optional[int] = typer.Option(None, "--cpus", help="N CPU slots (tests and CPU hosts)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="'all' or a list like 0,1,2,3: one worker per device."),
+    group: int = typer.Option(1, "--group", help="Devices per worker (for N-device DeepSpeed jobs)."),
+) -> None:
+    """Start pinned workers: one per device (or per group of devices), restarted if they die."""
+    from workers.supervisor import run_supervisor
+
+    if not (cpu or cpus or gpus):
+        raise typer.BadParameter("say which devices: --cpu, --cpus N or --gpus all|0,1")
+    raise typer.Exit(run_supervisor(gpus=gpus, cpus=cpus or (1 if cpu else None), group=group,
+                                    settings=get_settings()))
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="Job spec (YAML)."),
+    wait: bool = typer.Option(False, "--wait", help="Show progress until the job ends; non-zero exit if it fails."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Validate a job spec and enqueue it; prints the job id."""
+    client = _client()
+    job = client.submit(spec)
+    if json_out and not wait:
+        render.print_json(job)
+        return
+    if not json_out:
+        render.console.print(f"submitted job [bold]{job.id}[/bold] ({job.kind} {job.name}) to {job.queue}")
+    if wait:
+        job = _wait(client, job.id, quiet=json_out)
+        if json_out:
+            render.print_json(job)
+        if job.state != "succeeded":
+            raise JobFailed(f"job {job.id} ended {job.state}"
+                            + (f": {job.error.code}: {job.error.message}" if job.error else ""))
+
+
+def _wait(client, job_id: str, quiet: bool = False):
+    if quiet:
+        return client.wait(job_id)
+    with render.JobProgress(job_id) as bar:
+        job = client.wait(job_id, on_update=bar.update)
+    render.job_detail(job)
+    return job
+
+
+@app.command()
+def jobs(
+    state: Optional[str] = typer.Option(None, help="Only jobs in this state."),
+    kind: Optional[str] = typer.Option(None, help="train or extract."),
+    name: Optional[str] = typer.Option(None, help="Only jobs publishing this adapter name."),
+    limit: int = typer.Option(50, help="How many (newest first)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List jobs."""
+    items = _client().list_jobs(state=state, kind=kind, name=name, limit=limit)
+    render.print_json(items) if json_out else render.console.print(render.jobs_table(items))
+
+
+@app.command()
+def show(job_id: str, json_out: bool = JsonOpt,
+         follow: bool = typer.Option(False, "--follow", "-f", help="Follow progress until the job ends.")) -> None:
+    """A job's state, progress and error (accepts a unique id prefix)."""
+    client = _client()
+    if follow:
+        job = _wait(client, job_id, quiet=json_out)
+    else:
+        job = client.get_job(job_id)
+        if not json_out:
+            render.job_detail(job)
+    if json_out:
+        render.print_json(job)
+
+
+@app.command()
+def events(job_id: str, after: int = typer.Option(0, help="Only events after this id."), json_out: bool = JsonOpt) -> None:
+    """A job's event log (state changes, progress, evals, checkpoints)."""
+    items = _client().job_events(job_id, after)
+    if json_out:
+        render.print_json(items)
+        return
+    for e in items:
+        render.console.print(f"{e.id:>6} {e.at:%H:%M:%S} a{e.attempt} {e.type:<10} {e.state or ''} {e.data or ''}")
+
+
+@app.command()
+def cancel(job_id: str, json_out: bool = JsonOpt) -> None:
+    """Cancel a job (a running one is stopped with its whole process group)."""
+    job = _client().cancel(job_id)
+    render.print_json(job) if json_out else render.console.print(f"job {job.id} is {job.state}")
+
+
+@app.command()
+def adapters(name: Optional[str] = typer.Argument(None), json_out: bool = JsonOpt) -> None:
+    """List published adapter versions."""
+    items = _client().list_adapters(name)
+    render.print_json(items) if json_out else render.console.print(render.adapters_table(items))
+
+
+@app.command()
+def adapter(ref: str = typer.Argument(..., help="NAME or NAME:VERSION."), json_out: bool = JsonOpt) -> None:
+    """An adapter version's provenance and files."""
+    a = _client().get_adapter(ref)
+    render.print_json(a) if json_out else render.adapter_detail(a)
+
+
+@app.command()
+def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION."),
+         dest: Path = typer.Argument(..., help="Folder to create (must not exist or be empty)."),
+         json_out: bool = JsonOpt) -> None:
+    """Download an adapter; every file's sha256 is verified before it appears at DEST."""
+    result = _client().pull(ref, dest)
+    if json_out:
+        render.print_json(result)
+    else:
+        render.console.print(f"pulled {result.name}:{result.version} to {result.dest} "
+                             f"({len(result.files)} files, sha256 verified)")
+
+
+@app.command()
+def reap() -> None:
+    """Requeue jobs whose worker stopped heartbeating (workers do this on their own too)."""
+    from farm.service import reap_lost_jobs
+
+    ids = reap_lost_jobs()
+    render.console.print(f"requeued {len(ids)} job(s) " + " ".join(ids))
+
+
+@app.command()
+def flower(port: int = typer.Option(5555, help="Port to serve Flower on."),
+           no_auth: bool = typer.Option(False, "--no-auth", help="Run without basic auth (local use only).")) -> None:
+    """Start Flower on the farm's broker (basic auth from FARM_FLOWER_BASIC_AUTH)."""
+    from farm.flower import run_flower
+
+    run_flower(port=port, settings=get_settings(), no_auth=no_auth)
+
+
+@app.command()
+def api(host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+        port: int = typer.Option(8000, help="Port.")) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    from api.app import serve
+
+    serve(host=host, port=port)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Migrate the catalog (FARM_DATABASE_URL) to the given Alembic revision."""
+    from farm.catalog.migrate import upgrade_database
+
+    settings = get_settings()
+    upgrade_database(settings.database_url, revision)
+    render.console.print(f"catalog at {revision}")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path(".farm/demo"), help="Where the demo writes its model, data and spec."),
+         steps: int = typer.Option(30, help="Training steps.")) -> None:
+    """The farm end to end on this machine: start services and a CPU worker, train a tiny QLoRA adapter, pull it,
+    load it with PEFT, generate a line, print its provenance."""
+    from farm.demo import run_demo
+
+    run_demo(workdir, steps=steps)
+
+
+def main() -> None:
+    """Entry point: FarmErrors become a clear message and a non-zero exit, not a traceback."""
+    try:
+        app()
+    except FarmError as exc:
+        render.err_console.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False, markup=True)
+        sys.exit(2 if exc.code in ("invalid_spec", "invalid_dataset", "invalid_model", "unschedulable") else 1)
+
+
+if __name__ == "__main__":
+    main()

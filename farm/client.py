@@ -1,0 +1,72 @@
+"""One client interface for the CLI, two implementations: the local service layer, or the farm's HTTP API.
+
+`get_client()` picks by settings: FARM_API_URL set -> HTTP (farm.client_http.HttpClient), else local.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+from farm import service
+from farm.schemas import AdapterPublic, JobEventPublic, JobPublic, PullResult
+from farm.settings import FarmSettings, get_settings
+
+
+class FarmClient(Protocol):
+    def submit(self, spec_path: Path) -> JobPublic: ...
+    def get_job(self, job_id: str) -> JobPublic: ...
+    def list_jobs(self, *, state: str | None = None, kind: str | None = None, name: str | None = None,
+                  limit: int = 50, offset: int = 0) -> list[JobPublic]: ...
+    def job_events(self, job_id: str, after: int = 0) -> list[JobEventPublic]: ...
+    def cancel(self, job_id: str) -> JobPublic: ...
+    def wait(self, job_id: str, on_update: Callable[[JobPublic], None] | None = None,
+             timeout: float | None = None) -> JobPublic: ...
+    def list_adapters(self, name: str | None = None) -> list[AdapterPublic]: ...
+    def get_adapter(self, ref: str) -> AdapterPublic: ...
+    def pull(self, ref: str, dest: Path) -> PullResult: ...
+
+
+class LocalClient:
+    """Calls the service layer in-process (needs the catalog, broker and store settings)."""
+
+    def __init__(self, settings: FarmSettings | None = None):
+        self.settings = settings or get_settings()
+
+    def submit(self, spec_path: Path) -> JobPublic:
+        return service.submit_job(Path(spec_path), settings=self.settings)
+
+    def get_job(self, job_id: str) -> JobPublic:
+        return service.get_job(job_id, settings=self.settings)
+
+    def list_jobs(self, *, state=None, kind=None, name=None, limit=50, offset=0) -> list[JobPublic]:
+        return service.list_jobs(state=state, kind=kind, name=name, limit=limit, offset=offset,
+                                 settings=self.settings)
+
+    def job_events(self, job_id: str, after: int = 0) -> list[JobEventPublic]:
+        return service.job_events(job_id, after=after, settings=self.settings)
+
+    def cancel(self, job_id: str) -> JobPublic:
+        return service.cancel_job(job_id, settings=self.settings)
+
+    def wait(self, job_id: str, on_update=None, timeout=None) -> JobPublic:
+        return service.wait_for_job(job_id, on_update=on_update, timeout=timeout, settings=self.settings)
+
+    def list_adapters(self, name=None) -> list[AdapterPublic]:
+        return service.list_adapters(name, settings=self.settings)
+
+    def get_adapter(self, ref: str) -> AdapterPublic:
+        return service.get_adapter(ref, settings=self.settings)
+
+    def pull(self, ref: str, dest: Path) -> PullResult:
+        return service.pull_adapter(ref, dest, settings=self.settings)
+
+
+def get_client(settings: FarmSettings | None = None) -> FarmClient:
+    """HTTP client when FARM_API_URL is set, else the local service layer."""
+    settings = settings or get_settings()
+    if settings.api_url:
+        from farm.client_http import HttpClient
+
+        return HttpClient(settings)
+    return LocalClient(settings)

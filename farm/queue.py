@@ -1,0 +1,56 @@
+"""The Celery app: configuration and routing only (task bodies live in workers/).
+
+The broker is a doorbell: a message carries a job id and nothing else, JSON-encoded.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from farm.settings import FarmSettings, get_settings
+
+RUN_JOB_TASK = "farm.run_job"
+PROGRESS_EVENT = "task-progress"
+
+
+def make_celery_app(settings: FarmSettings | None = None) -> Celery:
+    """A Celery app wired to the farm's broker, with the settings the Celery traps in DESIGN.md call for."""
+    settings = settings or get_settings()
+    app = Celery("farm", broker=settings.broker_url)
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_default_queue="farm.cpu",
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+celery_app = make_celery_app()
+
+
+def ring_doorbell(job_id: str, queue: str, app: Celery | None = None, countdown: float | None = None) -> None:
+    """Enqueue the message that tells a worker on `queue` to try to claim `job_id`."""
+    (app or celery_app).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, countdown=countdown)
+
+
+def queue_depths(queues: list[str], broker_url: str | None = None) -> dict[str, int]:
+    """Messages waiting per queue (Redis lists named after the queues)."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url or get_settings().broker_url)
+    return {q: int(client.llen(q)) for q in queues}

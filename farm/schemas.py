@@ -1,0 +1,118 @@
+"""What the service layer returns: one schema per purpose, shared by the CLI (--json) and the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True, use_attribute_docstrings=True)
+
+
+class JobError(_Public):
+    code: str
+    """Stable error code (invalid_dataset, runner_crashed, timeout, worker_lost, ...)."""
+    message: str
+    """What went wrong and what to do."""
+
+
+class JobPublic(_Public):
+    """A job as users see it."""
+
+    id: str
+    """Job id (a unique prefix of it is accepted wherever an id is)."""
+    kind: str
+    """train or extract."""
+    name: str
+    """Adapter name the job publishes."""
+    state: str
+    """queued, running, recovering, cancelling, succeeded, failed or cancelled."""
+    queue: str
+    """Celery queue that serves the job's resources."""
+    attempt: int
+    """Attempts started so far (the fencing token of the current one)."""
+    max_attempts: int
+    """Attempts allowed before the job ends failed."""
+    worker: str | None = None
+    """Worker holding (or that last held) the job."""
+    progress: dict | None = None
+    """Latest progress: step, total_steps, loss, lr, tokens_per_s, eta_s."""
+    error: JobError | None = None
+    """Recorded error of a failed job."""
+    adapter: str | None = None
+    """name:version published by a succeeded job."""
+    submitted_by: str | None = None
+    """API token name (or local user) that submitted the job."""
+    spec_hash: str
+    """sha256 of the resolved spec."""
+    spec: dict
+    """The resolved spec, every default filled in."""
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobEventPublic(_Public):
+    id: int
+    """Monotonic event id; pass the last one seen as `after` to follow new events."""
+    job_id: str
+    attempt: int
+    at: datetime
+    type: str
+    """state, progress, eval, checkpoint or log."""
+    state: str | None = None
+    data: dict | None = None
+
+
+class AdapterFilePublic(_Public):
+    path: str
+    size: int
+    sha256: str
+    etag: str | None = None
+    url: str | None = None
+    """Time-limited download URL (S3 stores, API only)."""
+
+
+class AdapterPublic(_Public):
+    """A published adapter version and its provenance."""
+
+    name: str
+    version: int
+    kind: str
+    job_id: str
+    uri: str
+    """Where the artifact lives in the store."""
+    base_model: str | None = None
+    base_model_sha256: str | None = None
+    dataset_uri: str | None = None
+    dataset_sha256: str | None = None
+    source_model: str | None = None
+    source_model_sha256: str | None = None
+    parent: str | None = None
+    """name:version this adapter continued from."""
+    spec_hash: str
+    metrics: dict | None = None
+    provenance: dict | None = None
+    files: list[AdapterFilePublic] = []
+    created_at: datetime
+    published_at: datetime | None = None
+
+
+class DatasetPublic(_Public):
+    """A dataset stored content-addressed in the farm's store."""
+
+    uri: str
+    """Reference to use as dataset.path in a spec (store:datasets/<sha256>.jsonl)."""
+    sha256: str
+    size: int
+    examples: int
+    format: str
+
+
+class PullResult(_Public):
+    name: str
+    version: int
+    dest: str
+    files: list[AdapterFilePublic]

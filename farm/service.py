@@ -1,0 +1,302 @@
+"""The service layer: every use case of the farm, once. The CLI and the HTTP API are thin front ends over it.
+
+Nothing here imports torch: submitting validates specs, datasets and model files by reading them directly.
+"""
+
+from __future__ import annotations
+
+import getpass
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from farm.catalog import repository as repo
+from farm.catalog.models import TERMINAL_STATES, Adapter, Job
+from farm.catalog.session import session_scope
+from farm.datasets import DatasetInfo, validate_dataset
+from farm.errors import DatasetError, FarmError, ModelError, NotFound, ResourceError, SpecError
+from farm.schemas import (
+    AdapterFilePublic,
+    AdapterPublic,
+    DatasetPublic,
+    JobError,
+    JobEventPublic,
+    JobPublic,
+    PullResult,
+)
+from farm.settings import FarmSettings, get_settings
+from farm.specs import ExtractSpec, TrainSpec, load_spec, parse_spec, queue_for, spec_hash, spec_to_dict
+
+STORE_REF = "store:"
+
+
+# ---------------------------------------------------------------- views
+
+def job_view(job: Job, adapter: Adapter | None = None) -> JobPublic:
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    view = JobPublic.model_validate(job).model_copy(update={"error": error})
+    if adapter is not None:
+        view.adapter = f"{adapter.name}:{adapter.version}"
+    return view
+
+
+def adapter_view(adapter: Adapter, store_uri: str, parent: Adapter | None = None) -> AdapterPublic:
+    view = AdapterPublic.model_validate(adapter, from_attributes=True).model_copy(update={
+        "uri": store_uri,
+        "files": [AdapterFilePublic.model_validate(f) for f in adapter.files],
+        "parent": f"{parent.name}:{parent.version}" if parent else None,
+    })
+    return view
+
+
+def parse_adapter_ref(ref: str) -> tuple[str, int | None]:
+    """NAME or NAME:VERSION (VERSION may be written vN)."""
+    name, _, version = ref.partition(":")
+    if not version:
+        return name, None
+    digits = version[1:] if version[:1] in ("v", "V") else version
+    if not digits.isdigit():
+        raise SpecError(f"adapter reference {ref!r}: version must be a number, as in {name}:3")
+    return name, int(digits)
+
+
+# ---------------------------------------------------------------- datasets
+
+def _store(settings: FarmSettings):
+    from farm.store import open_store
+
+    return open_store(settings.store_url, settings)
+
+
+def dataset_key(sha256: str) -> str:
+    return f"datasets/{sha256}.jsonl"
+
+
+def store_dataset(path: str | Path, fmt: str, *, settings: FarmSettings | None = None) -> DatasetPublic:
+    """Validate a local JSONL dataset and store it content-addressed (datasets/<sha256>.jsonl)."""
+    settings = settings or get_settings()
+    info = validate_dataset(path, fmt)
+    store = _store(settings)
+    key = dataset_key(info.sha256)
+    if not store.exists(key):
+        stored = store.put_file(Path(path), key)
+        if stored.sha256 != info.sha256:
+            raise DatasetError(f"{path}: file changed while it was being uploaded; submit again")
+    return DatasetPublic(uri=STORE_REF + key, sha256=info.sha256, size=info.size, examples=info.examples, format=fmt)
+
+
+def _check_store_dataset(ref: str, fmt: str, settings: FarmSettings) -> DatasetPublic:
+    key = ref[len(STORE_REF):]
+    store = _store(settings)
+    if not store.exists(key):
+        raise DatasetError(f"{ref}: no such dataset in the farm's store; upload it with `farm submit` from a local"
+                           " file or POST /v1/datasets", field="dataset.path")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "data.jsonl"
+        store.get_file(key, local)
+        info = validate_dataset(local, fmt)
+    return DatasetPublic(uri=ref, sha256=info.sha256, size=info.size, examples=info.examples, format=fmt)
+
+
+def _resolve_dataset(ref: str, fmt: str, settings: FarmSettings, field: str) -> DatasetPublic:
+    try:
+        if ref.startswith(STORE_REF):
+            return _check_store_dataset(ref, fmt, settings)
+        if "://" in ref:
+            raise DatasetError(f"{field}: {ref!r}: give a local file or a store:datasets/<sha256>.jsonl reference "
+                               "(upload remote data with POST /v1/datasets)", field=field)
+        return store_dataset(ref, fmt, settings=settings)
+    except DatasetError as exc:
+        exc.field = field
+        raise
+
+
+# ---------------------------------------------------------------- models
+
+def _check_base_model(ref: str, target_modules, field: str) -> None:
+    from farm import model_files
+
+    model_dir = model_files.resolve_model_dir(ref)
+    if model_dir is None:
+        if ref.startswith((".", "/", "~")):
+            raise ModelError(f"{field}: {ref}: no such model directory", field=field)
+        return  # s3:// or a hub id: checked by the worker that fetches it
+    try:
+        model_files.read_config(model_dir)
+        model_files.check_target_modules(model_dir, target_modules)
+    except ModelError as exc:
+        exc.field = field
+        exc.message = f"{field}: {exc.message}"
+        exc.args = (exc.message,)
+        raise
+
+
+# ---------------------------------------------------------------- submit
+
+def validate_spec(spec: TrainSpec | ExtractSpec, settings: FarmSettings | None = None) -> TrainSpec | ExtractSpec:
+    """Everything that can be checked before enqueueing; returns the spec with datasets stored and referenced."""
+    settings = settings or get_settings()
+    if spec.resources.devices > settings.max_group_size:
+        what = f"{spec.resources.gpus} GPUs" if spec.resources.gpus else f"{spec.resources.cpu_slots} CPU slots"
+        raise ResourceError(
+            f"resources: the job asks for {what}, but the largest worker group of this farm has "
+            f"{settings.max_group_size} (FARM_MAX_GROUP_SIZE); ask for fewer devices", field="resources")
+    if isinstance(spec, ExtractSpec):
+        from farm.extraction.validate import validate_extract_spec
+
+        validate_extract_spec(spec)
+        return spec
+    _check_base_model(spec.base_model, spec.lora.target_modules, "base_model")
+    if spec.continue_from:
+        name, version = parse_adapter_ref(spec.continue_from)
+        with session_scope(settings.database_url) as session:
+            repo.get_adapter(session, name, version)
+    train = _resolve_dataset(spec.dataset.path, spec.dataset.format, settings, "dataset.path")
+    updates = {"path": train.uri}
+    if spec.dataset.eval_path:
+        updates["eval_path"] = _resolve_dataset(spec.dataset.eval_path, spec.dataset.format, settings,
+                                                "dataset.eval_path").uri
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update=updates)})
+
+
+def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_by: str | None = None,
+               settings: FarmSettings | None = None) -> JobPublic:
+    """Validate a spec (object, mapping or YAML path), store its local dataset, record the job, ring the doorbell.
+
+    A bad spec, dataset or model raises a FarmError naming the field or the file and line; then no job row, no
+    message and no half-written object exists.
+    """
+    settings = settings or get_settings()
+    if isinstance(spec, (str, Path)):
+        spec = load_spec(spec)
+    elif isinstance(spec, dict):
+        spec = parse_spec(spec)
+    spec = validate_spec(spec, settings)
+    queue = queue_for(spec)
+    with session_scope(settings.database_url) as session:
+        job = repo.create_job(session, kind=spec.kind, name=spec.name, queue=queue, spec=spec_to_dict(spec),
+                              spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
+                              submitted_by=submitted_by or _local_user())
+        view = job_view(job)
+    try:
+        from farm.queue import ring_doorbell
+
+        ring_doorbell(view.id, queue)
+    except Exception as exc:  # the broker is down: take the row back so nothing half-done stays
+        with session_scope(settings.database_url) as session:
+            session.delete(session.get(Job, view.id))
+        raise FarmError(f"cannot reach the broker at FARM_BROKER_URL ({type(exc).__name__}: {exc}); "
+                        "start it with `farm up` or fix the URL. Nothing was submitted.") from None
+    return view
+
+
+def _local_user() -> str:
+    try:
+        return f"local:{getpass.getuser()}"
+    except Exception:
+        return "local"
+
+
+# ---------------------------------------------------------------- jobs
+
+def get_job(job_id: str, *, settings: FarmSettings | None = None) -> JobPublic:
+    """A job's state, progress, error and published adapter; accepts a unique id prefix."""
+    settings = settings or get_settings()
+    with session_scope(settings.database_url) as session:
+        job = repo.get_job(session, job_id)
+        return job_view(job, repo.adapter_for_job(session, job.id))
+
+
+def list_jobs(*, state: str | None = None, kind: str | None = None, name: str | None = None, limit: int = 50,
+              offset: int = 0, settings: FarmSettings | None = None) -> list[JobPublic]:
+    """Jobs, newest first, filtered by state, kind and adapter name."""
+    settings = settings or get_settings()
+    with session_scope(settings.database_url) as session:
+        return [job_view(j) for j in repo.list_jobs(session, state=state, kind=kind, name=name, limit=limit,
+                                                     offset=offset)]
+
+
+def job_events(job_id: str, *, after: int = 0, limit: int = 1000,
+               settings: FarmSettings | None = None) -> list[JobEventPublic]:
+    """A job's events after event id `after`, oldest first (follow a job by passing the last id seen)."""
+    settings = settings or get_settings()
+    with session_scope(settings.database_url) as session:
+        job = repo.get_job(session, job_id)
+        return [JobEventPublic.model_validate(e) for e in repo.job_events(session, job.id, after, limit)]
+
+
+def cancel_job(job_id: str, *, settings: FarmSettings | None = None) -> JobPublic:
+    """Cancel a job: a waiting one ends at once; a running one is stopped by its worker (whole process group)."""
+    settings = settings or get_settings()
+    with session_scope(settings.database_url) as session:
+        return job_view(repo.request_cancel(session, job_id))
+
+
+def wait_for_job(job_id: str, *, on_update: Callable[[JobPublic], None] | None = None, poll_seconds: float = 0.5,
+                 timeout: float | None = None, settings: FarmSettings | None = None) -> JobPublic:
+    """Poll until the job ends; `on_update` sees every poll. Returns the final view (raise nothing on failure)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = get_job(job_id, settings=settings)
+        if on_update:
+            on_update(job)
+        if job.state in TERMINAL_STATES:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f} s")
+        time.sleep(poll_seconds)
+
+
+def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
+    """Requeue jobs whose worker stopped heartbeating (they resume from their last checkpoint)."""
+    settings = settings or get_settings()
+    with session_scope(settings.database_url) as session:
+        requeue = repo.reap_expired_leases(session)
+        queues = {j.id: j.queue for j in (session.get(Job, i) for i in requeue)}
+    from farm.queue import ring_doorbell
+
+    for job_id, queue in queues.items():
+        ring_doorbell(job_id, queue)
+    return requeue
+
+
+# ---------------------------------------------------------------- adapters
+
+def list_adapters(name: str | None = None, *, settings: FarmSettings | None = None) -> list[AdapterPublic]:
+    """Published adapter versions, newest version first per name."""
+    settings = settings or get_settings()
+    store = _store(settings)
+    with session_scope(settings.database_url) as session:
+        return [adapter_view(a, store.uri(a.prefix)) for a in repo.list_adapters(session, name)]
+
+
+def get_adapter(ref: str, *, settings: FarmSettings | None = None, with_urls: bool = False,
+                url_expires_s: int = 3600) -> AdapterPublic:
+    """An adapter version's provenance and files (NAME or NAME:VERSION; latest when no version)."""
+    settings = settings or get_settings()
+    name, version = parse_adapter_ref(ref)
+    store = _store(settings)
+    with session_scope(settings.database_url) as session:
+        adapter = repo.get_adapter(session, name, version)
+        parent = session.get(Adapter, adapter.parent_adapter_id) if adapter.parent_adapter_id else None
+        view = adapter_view(adapter, store.uri(adapter.prefix), parent)
+    if with_urls:
+        for f in view.files:
+            f.url = store.presigned_url(adapter.prefix + f.path, url_expires_s)
+    return view
+
+
+def pull_adapter(ref: str, dest: str | Path, *, settings: FarmSettings | None = None) -> PullResult:
+    """Download an adapter version, verify every file's sha256 against the catalog, then move it into `dest`.
+
+    A mismatch raises ChecksumMismatch and leaves nothing at `dest`.
+    """
+    from farm.store.transfer import download_tree
+
+    settings = settings or get_settings()
+    view = get_adapter(ref, settings=settings)
+    name, _ = parse_adapter_ref(ref)
+    expected = {f.path: f.sha256 for f in view.files}
+    download_tree(_store(settings), f"adapters/{name}/v{view.version}/", Path(dest), expected=expected)
+    return PullResult(name=view.name, version=view.version, dest=str(Path(dest).resolve()), files=view.files)
