@@ -5,6 +5,8 @@ The broker is a doorbell: a message carries a job id and nothing else, JSON-enco
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from celery import Celery
 
 from farm.settings import FarmSettings, get_settings
@@ -43,9 +45,22 @@ def make_celery_app(settings: FarmSettings | None = None) -> Celery:
 celery_app = make_celery_app()
 
 
-def ring_doorbell(job_id: str, queue: str, app: Celery | None = None, countdown: float | None = None) -> None:
+@lru_cache(maxsize=8)
+def _app_for_broker(broker_url: str) -> Celery:
+    if broker_url == celery_app.conf.broker_url:
+        return celery_app
+    return make_celery_app(get_settings().model_copy(update={"broker_url": broker_url}))
+
+
+def app_for(settings: FarmSettings | None = None) -> Celery:
+    """The Celery app for these settings' broker (the module's app when they match)."""
+    return _app_for_broker((settings or get_settings()).broker_url)
+
+
+def ring_doorbell(job_id: str, queue: str, *, settings: FarmSettings | None = None,
+                  countdown: float | None = None) -> None:
     """Enqueue the message that tells a worker on `queue` to try to claim `job_id`."""
-    (app or celery_app).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, countdown=countdown)
+    app_for(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, countdown=countdown)
 
 
 def queue_depths(queues: list[str], broker_url: str | None = None) -> dict[str, int]:

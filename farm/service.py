@@ -182,7 +182,7 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     try:
         from farm.queue import ring_doorbell
 
-        ring_doorbell(view.id, queue)
+        ring_doorbell(view.id, queue, settings=settings)
     except Exception as exc:  # the broker is down: take the row back so nothing half-done stays
         with session_scope(settings.database_url) as session:
             session.delete(session.get(Job, view.id))
@@ -257,7 +257,7 @@ def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
     from farm.queue import ring_doorbell
 
     for job_id, queue in queues.items():
-        ring_doorbell(job_id, queue)
+        ring_doorbell(job_id, queue, settings=settings)
     return requeue
 
 

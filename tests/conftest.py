@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.s3",
     "tests.fixtures.models",
+    "tests.fixtures.farm",
 ]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -145,7 +145,7 @@ class JobRun:
 
                     with session_scope(self.settings.database_url) as session:
                         queue = repo.get_job(session, self.claim.job_id).queue
-                    ring_doorbell(self.claim.job_id, queue, countdown=2)
+                    ring_doorbell(self.claim.job_id, queue, settings=self.settings, countdown=2)
                     return "recovering"
                 return "failed"
             self._write(repo.fail_job, code, message)

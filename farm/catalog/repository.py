@@ -6,11 +6,12 @@ use case is one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select, update
+from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from farm.catalog.models import (
@@ -72,12 +73,17 @@ def create_job(session: Session, *, kind: str, name: str, queue: str, spec: dict
 
 
 def get_job(session: Session, job_id: str) -> Job:
+    """The job with this id, or the only job whose id starts with it (4 characters at least, as git does)."""
     job = session.get(Job, job_id)
     if job is None:
-        # Accept a unique prefix, as git does with commits.
-        matches = session.scalars(select(Job).where(Job.id.startswith(job_id)).limit(2)).all() if len(job_id) >= 4 else []
+        matches = []
+        if len(job_id) >= 4:
+            # autoescape: a '%' or '_' typed by a user is a character, not a LIKE wildcard.
+            matches = session.scalars(select(Job).where(Job.id.startswith(job_id, autoescape=True)).limit(2)).all()
         if len(matches) == 1:
             return matches[0]
+        if len(matches) > 1:
+            raise NotFound(f"job id prefix {job_id!r} matches more than one job: give more of the id (`farm jobs`)")
         raise NotFound(f"no job {job_id!r}: list jobs with `farm jobs`")
     return job
 
@@ -115,7 +121,21 @@ def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float) 
     return Claim(job_id, attempt, worker)
 
 
+def _lock_for_write(session: Session) -> None:
+    """On SQLite, take the database's write lock now, before reading the rows this transaction will change.
+
+    pysqlite runs a SELECT outside any transaction and FOR UPDATE is a no-op there, so a read-then-write could act
+    on a row another writer changed in between (a reaper recovering a job that just succeeded, a cancel overwriting
+    a claim). An UPDATE that matches nothing opens the write transaction and holds SQLite's one writer lock until
+    commit; other writers wait (busy timeout). PostgreSQL locks the rows themselves with FOR UPDATE instead.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Job).where(false()).values(attempt=Job.attempt)
+                        .execution_options(synchronize_session=False))
+
+
 def _fenced(session: Session, claim: Claim, states=ACTIVE_STATES) -> Job:
+    _lock_for_write(session)
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     if job is None or job.attempt != claim.attempt or job.state not in states:
         raise StaleAttempt(
@@ -184,6 +204,7 @@ def mark_cancelled(session: Session, claim: Claim) -> None:
 
 def request_cancel(session: Session, job_id: str) -> Job:
     """Queued or recovering jobs end cancelled at once; running ones go to cancelling and their worker stops them."""
+    _lock_for_write(session)
     job = get_job(session, job_id)
     session.refresh(job, with_for_update=True)
     if job.state in TERMINAL_STATES:
@@ -199,6 +220,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
 def reap_expired_leases(session: Session, now: datetime | None = None) -> list[str]:
     """Jobs whose worker vanished: back to ``recovering`` (returned, to re-enqueue) or ``failed`` when out of attempts."""
     now = now or utcnow()
+    _lock_for_write(session)
     expired = session.scalars(
         select(Job).where(Job.state.in_(ACTIVE_STATES), Job.lease_expires_at < now).with_for_update(skip_locked=True)
     ).all()
@@ -225,12 +247,25 @@ def claimable_job_ids(session: Session) -> list[tuple[str, str]]:
     return [(r.id, r.queue) for r in session.execute(select(Job.id, Job.queue).where(Job.state.in_(CLAIMABLE_STATES)))]
 
 
+def _lock_adapter_name(session: Session, name: str) -> None:
+    """Serialise version numbering per adapter name until commit.
+
+    Two jobs of one name finishing together would both read the same max(version) and one would fail on the
+    unique (name, version). PostgreSQL: a transaction-scoped advisory lock keyed by the name. SQLite: the write
+    lock that ``_fenced`` already holds serialises all writers.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"farm.adapter:{name}".encode()).digest()[:8], "big", signed=True)
+        session.execute(select(func.pg_advisory_xact_lock(key)))
+
+
 def reserve_adapter_version(session: Session, claim: Claim, *, name: str, kind: str, spec_hash: str) -> Adapter:
     """Reserve the next version of `name` for this job (idempotent: a job keeps its version across retries)."""
     job = _fenced(session, claim)
     existing = session.scalar(select(Adapter).where(Adapter.job_id == job.id))
     if existing is not None:
         return existing
+    _lock_adapter_name(session, name)
     version = (session.scalar(select(func.max(Adapter.version)).where(Adapter.name == name)) or 0) + 1
     adapter = Adapter(name=name, version=version, status=PUBLISHING, job_id=job.id, kind=kind,
                       prefix=f"adapters/{name}/v{version}/", spec_hash=spec_hash)
@@ -248,6 +283,7 @@ def publish_adapter(session: Session, claim: Claim, *, files: list[dict], proven
 
     Publishing again for a job that already succeeded returns the same adapter version.
     """
+    _lock_for_write(session)
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     adapter = session.scalar(select(Adapter).where(Adapter.job_id == claim.job_id))
     if job is not None and job.state == SUCCEEDED and adapter is not None and adapter.status == READY:
@@ -266,6 +302,7 @@ def publish_adapter(session: Session, claim: Claim, *, files: list[dict], proven
     job.state, job.finished_at, job.lease_expires_at = SUCCEEDED, utcnow(), None
     add_event(session, job.id, claim.attempt, "state", state=SUCCEEDED,
               data={"adapter": f"{adapter.name}:{adapter.version}"})
+    session.flush()  # a bad file record fails here, in the call, and the caller's rollback undoes all of it
     return adapter
 
 

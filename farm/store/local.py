@@ -69,7 +69,7 @@ class LocalStore(Store):
         return f"file://{self._path(key)}"
 
     def uri_root(self) -> str:
-        return f"file://{self.root}"
+        return f"file://{self.root}/"
 
     def put_file(self, path: Path, key: str) -> ObjectInfo:
         target = self._path(key)

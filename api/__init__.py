@@ -1,0 +1,1 @@
+"""The farm's HTTP API (FastAPI): thin routes over farm.service. Build it with `api.app.create_app()`."""

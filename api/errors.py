@@ -1,0 +1,90 @@
+"""FarmError -> HTTP. The body is the error's own dict ({"code", "message", "field"}), so a remote CLI prints the
+same message a local one does."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from farm.errors import (
+    AuthError,
+    ChecksumMismatch,
+    DatasetError,
+    FarmError,
+    InvalidState,
+    ModelError,
+    NotFound,
+    ResourceError,
+    SpecError,
+    StaleAttempt,
+    StoreError,
+)
+
+log = logging.getLogger("farm.api")
+
+# Most specific first: the first class an error is an instance of decides.
+STATUS_BY_ERROR: tuple[tuple[type[FarmError], int], ...] = (
+    (SpecError, 422),
+    (DatasetError, 422),
+    (ModelError, 422),
+    (ResourceError, 422),
+    (AuthError, 401),
+    (NotFound, 404),
+    (InvalidState, 409),
+    (StaleAttempt, 409),
+    (ChecksumMismatch, 502),
+    (StoreError, 502),  # the object store behind the API failed
+    (FarmError, 503),  # raised plainly when a service behind the API (the broker) cannot be reached
+)
+
+INVALID_REQUEST = "invalid_request"
+
+
+def status_for(exc: FarmError) -> int:
+    """The HTTP status of a FarmError."""
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(exc: FarmError) -> JSONResponse:
+    """The JSON response for a FarmError (401s also say which scheme to use)."""
+    status = status_for(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
+
+
+async def _farm_error(_request: Request, exc: FarmError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # Query and path parameters checked by FastAPI; the same body shape as every other error.
+    lines, first_field = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "header", "body")]
+        name = ".".join(loc) or "(request)"
+        first_field = first_field or (name if loc else None)
+        lines.append(f"{name}: {err.get('msg', 'invalid value')}")
+    body = {"code": INVALID_REQUEST, "message": "\n".join(lines) or "invalid request"}
+    if first_field:
+        body["field"] = first_field
+    return JSONResponse(body, status_code=422)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the server log (uvicorn logs it again); the client gets no internals.
+    log.error("unhandled error in the API: %s", type(exc).__name__)
+    return JSONResponse({"code": "internal_error", "message": "internal error in the farm API; see its log"},
+                        status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn FarmErrors and bad parameters into {"code", "message", "field"} JSON."""
+    app.add_exception_handler(FarmError, _farm_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,96 @@
+"""Integrity: what the base model was (file digests), and proof that training touched only the adapter.
+
+Three checks, each raising farm.errors.IntegrityError with the offending names:
+
+- `weight_file_digests`: sha256 of each weight file of the base model folder, and one digest over all of them.
+- `check_only_adapter_trainable`: every parameter that requires grad is a LoRA weight.
+- `base_params_checksum` before and after training, compared by `verify_base_unchanged`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from farm.errors import IntegrityError, ModelError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# Names peft gives adapter weights (LoRA A/B, embedding variants, DoRA magnitudes).
+ADAPTER_MARKERS = ("lora_",)
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_file_digests(model_dir: str | Path) -> tuple[str, dict[str, str]]:
+    """(one digest over all weight files, {relative name: sha256}) for a model folder.
+
+    The combined digest is the sha256 of the sorted "name sha256" lines, so it names the files as well as
+    their bytes.
+    """
+    model_dir = Path(model_dir)
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.rglob(pattern) if p.is_file()})
+    if not files:
+        raise ModelError(f"{model_dir}: no weight files (*.safetensors or *.bin) in the base model folder",
+                         field="base_model")
+    per_file = {p.relative_to(model_dir).as_posix(): file_sha256(p) for p in files}
+    listing = "".join(f"{name} {sha}\n" for name, sha in sorted(per_file.items()))
+    return hashlib.sha256(listing.encode()).hexdigest(), per_file
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def check_only_adapter_trainable(model) -> tuple[int, int]:
+    """Raise IntegrityError unless the trainable parameters are exactly LoRA weights; return (trainable, total)."""
+    wrong, trainable, total = [], 0, 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            if not is_adapter_param(name):
+                wrong.append(name)
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise IntegrityError(
+            f"{len(wrong)} non-adapter parameter(s) would be trained: {shown}. The farm trains LoRA weights only; "
+            "if you continue from an adapter, make sure it has no modules_to_save")
+    if trainable == 0:
+        raise IntegrityError("no trainable LoRA parameter: check lora.target_modules against the model's layers")
+    return trainable, total
+
+
+def base_params_checksum(model) -> str:
+    """sha256 over the name, dtype, shape and bytes of every frozen (non-adapter) parameter, in name order.
+
+    Quantized weights are hashed as stored (packed 4-bit bytes, int8), which is what an update would change.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if is_adapter_param(name):
+            continue
+        data = param.detach()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
+        flat = data.reshape(-1).contiguous().cpu()
+        # A view as bytes hashes any dtype (bfloat16 has no numpy type) without another copy.
+        digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def verify_base_unchanged(before: str, after: str) -> None:
+    """Raise IntegrityError if the frozen base parameters' checksum changed during training."""
+    if before != after:
+        raise IntegrityError(
+            f"the frozen base weights changed during training (checksum {before[:16]}… before, {after[:16]}… "
+            "after); the adapter is not published. This is a bug in the training code or a library: report it "
+            "with the job id")

@@ -1,0 +1,135 @@
+"""The model being trained: the base in 4, 8 or 16 bit, with a LoRA adapter on top (fresh or continued)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from farm.errors import ModelError
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device): the same seed gives the same LoRA init, dropout and loss curve."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def training_device():
+    """The device this process trains on: its own GPU (LOCAL_RANK under a launcher; a pinned worker sees one), or CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_tokenizer(base_dir: str | Path):
+    """The base model's tokenizer, right-padded, with a pad token (eos when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except Exception as exc:
+        raise ModelError(f"{base_dir}: cannot load the tokenizer: {exc}", field="base_model") from None
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"{base_dir}: the tokenizer has neither a pad nor an eos token; add one to its "
+                             "tokenizer_config.json", field="base_model")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(spec):
+    """The BitsAndBytesConfig for spec.quantization (None for 16 bit)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = spec.quantization
+    compute = getattr(torch, q.compute_dtype)
+    if q.bits == 4:
+        extra = {}
+        if spec.deepspeed is not None:
+            # ZeRO shards parameters by dtype: 4-bit weights stored as the compute dtype can be sharded and gathered.
+            extra["bnb_4bit_quant_storage"] = compute
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                                  bnb_4bit_compute_dtype=compute, **extra)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(base_dir: str | Path, spec, device=None):
+    """The frozen base model per spec.quantization, ready for an adapter (k-bit preparation, checkpointing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = device or training_device()
+    q = spec.quantization
+    kwargs = {"dtype": getattr(torch, q.compute_dtype)}
+    qconfig = quantization_config(spec)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if device.type != "cpu":
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"{base_dir}: cannot load the base model ({q.bits}-bit): {exc}", field="base_model") from None
+    model.config.use_cache = False
+    checkpointing = spec.training.gradient_checkpointing
+    if qconfig is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_config(spec):
+    """peft LoraConfig from spec.lora."""
+    from peft import LoraConfig
+
+    lora = spec.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+
+
+def attach_adapter(base, spec, continue_from: str | Path | None = None):
+    """Wrap the base with a trainable LoRA adapter: fresh from spec.lora, or the weights of `continue_from`.
+
+    A continued adapter keeps its own shape (its adapter_config.json), since its weights only fit that.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if continue_from is not None:
+        path = Path(continue_from)
+        if not (path / "adapter_config.json").is_file():
+            raise ModelError(f"{path}: no adapter_config.json; continue_from must be an adapter saved by the farm "
+                             "or by peft's save_pretrained", field="continue_from")
+        try:
+            return PeftModel.from_pretrained(base, str(path), is_trainable=True)
+        except Exception as exc:
+            raise ModelError(f"{path}: this adapter does not fit the base model: {exc}", field="continue_from") from None
+    try:
+        return get_peft_model(base, lora_config(spec))
+    except ValueError as exc:
+        raise ModelError(f"lora.target_modules {spec.lora.target_modules!r} do not fit the base model: {exc}",
+                         field="lora.target_modules") from None
+
+
+def build_model(base_dir: str | Path, spec, continue_from: str | Path | None = None, device=None):
+    """Base + adapter, seeded with training.seed right before the adapter's random init."""
+    base = load_base_model(base_dir, spec, device)
+    seed_everything(spec.training.seed)
+    return attach_adapter(base, spec, continue_from)
