@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from farm.errors import (
     AuthError,
@@ -41,6 +42,25 @@ STATUS_BY_ERROR: tuple[tuple[type[FarmError], int], ...] = (
 )
 
 INVALID_REQUEST = "invalid_request"
+
+
+class ErrorBody(BaseModel):
+    """Every error the API returns."""
+
+    code: str
+    """Stable machine-readable name: invalid_spec, invalid_dataset, invalid_model, unschedulable, not_found,
+    invalid_state, unauthorized, checksum_mismatch, store_error, invalid_request, ..."""
+    message: str
+    """What was wrong and what to do: the message the CLI prints."""
+    field: str | None = None
+    """The spec field (or file) at fault, when there is one."""
+
+
+ERROR_RESPONSES = {
+    401: {"model": ErrorBody, "description": "Missing or unknown API token."},
+    404: {"model": ErrorBody, "description": "No such job, adapter, version or file."},
+    422: {"model": ErrorBody, "description": "Invalid spec, dataset, model, resources or parameter."},
+}
 
 
 def status_for(exc: FarmError) -> int:

@@ -46,8 +46,8 @@ async def job_event_stream(job_id: str, after: int, settings: FarmSettings, poll
         if job.state in TERMINAL_STATES and len(events) < PAGE:
             yield format_event(job.model_dump_json(), event=END_EVENT)
             return
-        if events:
-            continue  # more may be waiting beyond the page
+        if len(events) == PAGE:
+            continue  # a full page: more are waiting
         if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
             # A comment line keeps proxies from closing a quiet stream.
             yield ": keepalive\n\n"

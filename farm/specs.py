@@ -28,7 +28,7 @@ class DatasetSpec(_Spec):
     """Where the training data is and how to read it."""
 
     path: str
-    """JSONL file: a local path, a `store://datasets/<sha256>.jsonl` reference, or `s3://bucket/key`."""
+    """JSONL file: a local path (uploaded to the store at submit), or a `store:datasets/<sha256>.jsonl` reference."""
     format: DatasetFormat = "chat"
     """chat (`messages` with roles), alpaca (`instruction`, `input`, `output`), completion (`prompt`, `completion`), text (`text`)."""
     eval_path: str | None = None
@@ -242,7 +242,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
                 loc = loc[len(tag):]
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; see `farm submit --help-spec`)"
+            msg = "unknown key (check its spelling; see `farm spec`)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         lines.append(f"{source}: {loc or '(top level)'}: {msg}")

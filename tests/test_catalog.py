@@ -7,7 +7,7 @@ import threading
 from datetime import timedelta, timezone
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 
 from farm.catalog import repository as repo
@@ -28,7 +28,7 @@ from farm.catalog.models import (
     JobEvent,
     utcnow,
 )
-from farm.catalog.session import session_scope
+from farm.catalog.session import get_engine, session_scope
 from farm.errors import InvalidState, NotFound, StaleAttempt
 
 RACE_ROUNDS = 25
@@ -134,13 +134,27 @@ def test_claim_race_between_threads_has_exactly_one_winner(catalog_url):
             errors.append(exc)
             barrier.abort()
 
+    # Count the losers that the conditional UPDATE turned away (rowcount 0), as opposed to losers that read the
+    # job after the winner committed: the first kind proves the two claims really overlapped.
+    lost_in_update = []
+
+    def count_lost_updates(conn, cursor, statement, params, context, executemany):
+        if statement.startswith("UPDATE jobs SET state") and cursor.rowcount == 0:
+            lost_in_update.append(statement)
+
+    engine = get_engine(catalog_url)
+    event.listen(engine, "after_cursor_execute", count_lost_updates)
     threads = [threading.Thread(target=claimer, args=(f"thread-{i}",)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        event.remove(engine, "after_cursor_execute", count_lost_updates)
     assert not errors, errors
     _assert_one_winner_per_job(catalog_url, job_ids, results)
+    assert lost_in_update, "no claim ever overlapped another: the race was not exercised"
 
 
 def _claim_in_own_process(url: str, job_ids: list[str], worker: str, barrier, out) -> None:
@@ -453,7 +467,7 @@ def test_a_publish_racing_the_reaper_leaves_a_consistent_job(catalog_url):
         publisher = threading.Thread(target=worker_publishes)
         publisher.start()
         # Give the publisher every chance to slip in before the reaper commits; the locks must keep it out.
-        publisher.join(timeout=1.0)
+        publisher.join(timeout=0.5)
     publisher.join()
     job = job_row(catalog_url, job_id)
     with session_scope(catalog_url) as s:
@@ -472,7 +486,7 @@ def test_a_cancel_racing_a_claim_never_leaves_a_cancelled_job_running(catalog_ur
         assert repo.request_cancel(s, job_id).state == CANCELLED
         claimer = threading.Thread(target=worker_claims)
         claimer.start()
-        claimer.join(timeout=1.0)
+        claimer.join(timeout=0.5)
     claimer.join()
     job = job_row(catalog_url, job_id)
     # Whoever commits first decides: a claim that won would have made the cancel a "cancelling".
@@ -491,7 +505,7 @@ def test_a_heartbeat_racing_the_reaper_is_either_before_or_refused(catalog_url):
         assert repo.renew_lease(s, c, 60) == RUNNING
         thread = threading.Thread(target=reaper)
         thread.start()
-        thread.join(timeout=1.0)
+        thread.join(timeout=0.5)
         outcome.append("renewed")
     thread.join()
     job = job_row(catalog_url, job_id)

@@ -287,7 +287,8 @@ def test_catalog_digests_are_enforced_too(store, tree, pulled):
     manifest["files"]["README.md"] = {"size": 3, "sha256": sha(b"bad")}
     store.put_bytes(b"bad", f"{PREFIX}/README.md")
     store.put_bytes(json.dumps(manifest).encode(), f"{PREFIX}/checksums.json")
-    with pytest.raises(ChecksumMismatch, match=r"checksums\.json.*the catalog records sha256 " + uploaded["checksums.json"]):
+    catalog_says = r"checksums\.json.*the catalog records sha256 " + uploaded["checksums.json"]
+    with pytest.raises(ChecksumMismatch, match=catalog_says):
         download_tree(store, PREFIX, pulled, expected=uploaded)
 
     assert not pulled.exists() and leftovers(pulled.parent) == []
@@ -347,10 +348,11 @@ def test_download_prefix_needs_no_manifest_but_checks_one_when_present(store, tr
 
     records = download_prefix(store, step, tmp_path / "ckpt")
     assert (tmp_path / "ckpt/state/rng.json").read_bytes() == b"rng"
-    assert {r["path"]: r["sha256"] for r in records} == {"optimizer.pt": sha(b"optimizer"), "state/rng.json": sha(b"rng")}
+    digests = {"optimizer.pt": sha(b"optimizer"), "state/rng.json": sha(b"rng")}
+    assert {r["path"]: r["sha256"] for r in records} == digests
 
     with pytest.raises(ChecksumMismatch, match="optimizer.pt"):
-        download_prefix(store, step, tmp_path / "ckpt2", expected={"optimizer.pt": sha(b"other"), "state/rng.json": sha(b"rng")})
+        download_prefix(store, step, tmp_path / "ckpt2", expected={**digests, "optimizer.pt": sha(b"other")})
 
     upload_tree(store, tree, PREFIX)
     store.put_bytes(b"tampered", f"{PREFIX}/sub/notes.txt")
@@ -422,7 +424,9 @@ def test_missing_key_is_not_found_naming_it(store, tmp_path):
     assert leftovers(tmp_path / "dl") == [] and not (tmp_path / "dl" / "b.json").exists()
 
 
-@pytest.mark.parametrize("url", ["ftp://host/x", "/just/a/path", "gs://bucket/x", "s3://", "file://", "s3://bkt/a/../b"])
+@pytest.mark.parametrize(
+    "url", ["ftp://host/x", "/just/a/path", "gs://bucket/x", "s3://", "file://", "s3://bkt/a/../b"]
+)
 def test_bad_store_urls_name_the_setting(url):
     with pytest.raises(StoreError, match="FARM_STORE_URL") as err:
         open_store(url, FarmSettings())

@@ -21,10 +21,13 @@ _REPO_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 def migrations_dir() -> Path:
     """The Alembic scripts folder: ``FARM_MIGRATIONS_DIR`` when set, else the checkout's ``migrations/``."""
-    candidates = []
-    if os.environ.get("FARM_MIGRATIONS_DIR"):
-        candidates.append(Path(os.environ["FARM_MIGRATIONS_DIR"]))
-    candidates += [_REPO_MIGRATIONS, Path.cwd() / "migrations"]
+    override = os.environ.get("FARM_MIGRATIONS_DIR")
+    if override:
+        if not (Path(override) / "env.py").is_file():
+            raise FarmError(f"FARM_MIGRATIONS_DIR={override} holds no Alembic env.py: point it at the farm's "
+                            "migrations/ folder, or unset it to use the one next to the installed code")
+        return Path(override).resolve()
+    candidates = [_REPO_MIGRATIONS, Path.cwd() / "migrations"]
     for path in candidates:
         if (path / "env.py").is_file():
             return path.resolve()

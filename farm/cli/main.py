@@ -157,6 +157,18 @@ def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION."),
 
 
 @app.command()
+def spec(kind: str = typer.Argument("train", help="train or extract.")) -> None:
+    """Every field of a job spec: its default and what it means."""
+    from farm.cli.spec_help import spec_tree
+    from farm.specs import ExtractSpec, TrainSpec
+
+    models = {"train": TrainSpec, "extract": ExtractSpec}
+    if kind not in models:
+        raise typer.BadParameter("train or extract")
+    render.console.print(spec_tree(models[kind], f"kind: {kind}"))
+
+
+@app.command()
 def reap() -> None:
     """Requeue jobs whose worker stopped heartbeating (workers do this on their own too)."""
     from farm.service import reap_lost_jobs

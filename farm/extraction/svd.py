@@ -19,14 +19,17 @@ Why the bound is sound (notation: θ_i = squared singular values of Q^T·dW, des
    - Li & Li (2005) quadratic residual bound, when θ_i > γ (gap η_i = θ_i − γ):
      ``σ_i² − θ_i ≤ 2||C||² / (η_i + sqrt(η_i² + 4||C||²))``;
    - Ky Fan on the sum (trace(A2) = ||R||_F²):          ``D ≤ ||R||_F²``.
-   D is bounded by min(Σ_i min(Weyl_i, LiLi_i), ||R||_F²). ||C||_2 is a k-column spectral norm: exact and cheap.
-4. γ ≥ τ² = ||R||_2² comes from Dixon's lemma (HMT Lemma 4.1) applied to (R·R^T)^q·R with s fresh Gaussian
-   probes: ``||R||^(2q+1) ≤ α·sqrt(2/π)·max_j ||(R·R^T)^q·R·ω_j||`` except with probability α^-s
-   (α = 4, s = 10: 1e-6). Power steps make the factor (α·sqrt(2/π))^(1/(2q+1)) close to 1. γ is also capped by
-   the deterministic ||R||_F².
+   - ordering: σ_i² ≤ σ_j² for j < i, and σ_i² ≤ ||dW||_2² ≤ γ_1 (needed when the spectrum is flat, where
+     neither of the above is tight);
+   so u_i = min(θ_i + Weyl_i, θ_i + LiLi_i, u_{i−1}, γ_1) bounds σ_i², and
+   D ≤ min(Σ_{i≤r} (u_i − θ_i), ||R||_F²). ||C||_2 is a k-column spectral norm: exact and cheap.
+4. γ ≥ τ² = ||R||_2² (and γ_1 ≥ ||dW||_2²) come from Dixon's lemma (HMT Lemma 4.1) applied to (R·R^T)^q·R with
+   s fresh Gaussian probes: ``||R||^(2q+1) ≤ α·sqrt(2/π)·max_j ||(R·R^T)^q·R·ω_j||`` except with probability
+   α^-s (α = 4, s = 10: 1e-6). Power steps make the factor (α·sqrt(2/π))^(1/(2q+1)) close to 1. γ is also
+   capped by the deterministic ||R||_F².
 
-So the reported rho is an upper bound that holds with probability ≥ 1 − 1e-6 per layer (the only random step
-is the probe draw in 4, independent of Q). When the bound exceeds the target (1.01), the subspace is widened and
+So the reported rho is an upper bound that holds with probability ≥ 1 − 2e-6 per layer (the only random steps
+are the probe draws in 4, independent of Q). When the bound exceeds the target (1.01), the subspace is widened and
 more power iterations are run, then checked again; after a few rounds the layer falls back to the exact SVD.
 
 In energy mode the same per-index bounds bracket the cumulative energy Σ_{i≤j} σ_i², so the randomized method
@@ -128,7 +131,7 @@ def _power(x: torch.Tensor, q: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def residual_norm_bound(r: torch.Tensor, generator: torch.Generator, steps: int = RESIDUAL_POWER_STEPS) -> float:
-    """A bound on ||r||_2² that holds with probability 1 − DIXON_ALPHA**-DIXON_PROBES (Dixon's lemma, see above)."""
+    """A bound on ||r||_2² (r: the residual, or dW itself) that holds with probability 1 − DIXON_ALPHA**-DIXON_PROBES (Dixon's lemma, see above)."""
     omega = torch.randn(r.shape[1], DIXON_PROBES, generator=generator, dtype=r.dtype)
     v = r @ omega
     log_norm = torch.zeros(DIXON_PROBES, dtype=torch.float64)
@@ -154,7 +157,7 @@ class _Sketch:
     residual_sq: float  # ||R||_F²
 
 
-def _measure(x: torch.Tensor, q: torch.Tensor, generator: torch.Generator) -> _Sketch:
+def _measure(x: torch.Tensor, q: torch.Tensor, generator: torch.Generator, top_bound: float) -> _Sketch:
     small = q.T @ x  # k × n
     residual = x - q @ small
     residual_sq = frobenius_sq(residual)
@@ -168,6 +171,8 @@ def _measure(x: torch.Tensor, q: torch.Tensor, generator: torch.Generator) -> _S
     gap = theta - gamma
     above = gap > 0
     excess[above] = torch.minimum(excess[above], _li_li(gap[above], c2))
+    upper = torch.cummin(torch.clamp(theta + excess, max=top_bound), 0).values
+    excess = (upper - theta).clamp_min(0)
     return _Sketch(theta=theta, u=u, vh=vh, excess=excess, residual_sq=residual_sq)
 
 
@@ -216,8 +221,11 @@ def factor_randomized(x: torch.Tensor, *, rank: int | None = None, energy: float
     q = _orthonormal(x @ torch.randn(n, k, generator=gen))
     q = _power(x, q, FIRST_POWER_ITERS)
     iters = FIRST_POWER_ITERS
-    for _ in range(MAX_ROUNDS):
-        sk = _measure(x, q, gen)
+    top_bound = math.inf  # a bound on ||dW||_2², computed only when a flat spectrum needs it
+    for round_ in range(MAX_ROUNDS):
+        if round_ == 1:
+            top_bound = residual_norm_bound(x, gen)
+        sk = _measure(x, q, gen, top_bound)
         r = min(rank, full) if rank is not None else _energy_choice(sk, total, energy, max_rank)
         if r is not None and r + oversample // 2 <= len(sk.theta):
             error, rho = _rho_bound(sk, r, total)

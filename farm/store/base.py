@@ -37,7 +37,9 @@ def validate_key(key: str) -> str:
     if "\\" in key:
         raise StoreError(f"invalid store key {key!r}: backslashes are not allowed; use '/' between parts")
     if key.startswith("/"):
-        raise StoreError(f"invalid store key {key!r}: absolute paths are not allowed; give a path relative to the store")
+        raise StoreError(
+            f"invalid store key {key!r}: absolute paths are not allowed; give a path relative to the store"
+        )
     if "\x00" in key:
         raise StoreError(f"invalid store key {key!r}: NUL characters are not allowed")
     for part in key.split("/"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +49,31 @@ def default_transfer_config():
     )
 
 
+_loader_lock = threading.Lock()
+_shared_loader = None
+
+
+def _new_boto3_session():
+    """A fresh boto3 session (credentials resolved anew) that reuses one parsed copy of the service models.
+
+    Parsing the S3 model is most of the cost of a client; sharing the loader makes open_store cheap enough to call
+    per request.
+    """
+    global _shared_loader
+    import boto3.session
+    import botocore.session
+
+    core = botocore.session.get_session()
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = core.get_component("data_loader")
+        else:
+            core.register_component("data_loader", _shared_loader)
+    return boto3.session.Session(botocore_session=core)
+
+
 def make_client(endpoint_url: str | None, region: str | None):
     """A boto3 S3 client for AWS or an S3-compatible endpoint."""
-    import boto3
     from botocore.config import Config
 
     options: dict = {
@@ -69,7 +92,7 @@ def make_client(endpoint_url: str | None, region: str | None):
         options["s3"] = {"addressing_style": "path"}
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=Config(**options))
+    return _new_boto3_session().client("s3", endpoint_url=endpoint_url, config=Config(**options))
 
 
 def _etag(response: dict) -> str | None:
@@ -134,7 +157,8 @@ class S3Store(Store):
                     f"S3 refused to {action} {target}{self._where()} ({code}): check the AWS credentials "
                     "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket policy"
                 ) from None
-            raise StoreError(f"S3 could not {action} {target}{self._where()}: {code} {error.get('Message', '')}") from None
+            message = error.get("Message", "")
+            raise StoreError(f"S3 could not {action} {target}{self._where()}: {code} {message}") from None
         except NoCredentialsError:
             raise StoreError(
                 f"no AWS credentials found to {action} {target}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "

@@ -56,7 +56,9 @@ def _local_files(local_dir: Path) -> list[str]:
             try:
                 validate_key(rel)
             except StoreError as exc:
-                raise StoreError(f"cannot upload {local_dir / rel}: its name is not a valid key ({exc.message})") from None
+                raise StoreError(
+                    f"cannot upload {local_dir / rel}: its name is not a valid key ({exc.message})"
+                ) from None
             files.append(rel)
     return sorted(files)
 
@@ -120,10 +122,13 @@ def download_prefix(store: Store, prefix: str, dest: Path, expected: dict[str, s
 
 
 def _check_dest(dest: Path) -> None:
+    what = None
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise StoreError(f"the destination {dest} already exists and is not a folder: choose another destination or remove it")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise StoreError(f"the destination {dest} already exists and is not empty: choose another destination or remove it")
+        what = "is not a folder"
+    elif dest.is_dir() and any(dest.iterdir()):
+        what = "is not empty"
+    if what:
+        raise StoreError(f"the destination {dest} already exists and {what}: choose another destination or remove it")
 
 
 def _parse_manifest(path: Path, where: str) -> dict[str, dict]:
@@ -131,10 +136,14 @@ def _parse_manifest(path: Path, where: str) -> dict[str, dict]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{where}{CHECKSUMS} is not valid JSON ({exc}); the artifact is damaged: re-publish it") from None
-    if not isinstance(manifest, dict) or manifest.get("algorithm") != "sha256" or not isinstance(manifest.get("files"), dict):
         raise StoreError(
-            f"{where}{CHECKSUMS} is malformed: expected {{\"algorithm\": \"sha256\", \"files\": {{...}}}}; re-publish it"
+            f"{where}{CHECKSUMS} is not valid JSON ({exc}); the artifact is damaged: re-publish it"
+        ) from None
+    well_formed = isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+    if not well_formed or manifest.get("algorithm") != "sha256":
+        raise StoreError(
+            f"{where}{CHECKSUMS} is malformed: expected "
+            '{"algorithm": "sha256", "files": {...}}; re-publish the artifact'
         )
     files = manifest["files"]
     for rel, entry in files.items():
@@ -166,7 +175,9 @@ def _verify(rel: str, got: str, want: str | None, source: str, where: str, dest:
         )
 
 
-def _download(store: Store, prefix: str, dest: Path, expected: dict[str, str] | None, *, require_manifest: bool) -> list[dict]:
+def _download(
+    store: Store, prefix: str, dest: Path, expected: dict[str, str] | None, *, require_manifest: bool
+) -> list[dict]:
     folder = _folder(prefix)
     where = f"{store.uri_root()}{folder}"
     _check_dest(dest)
@@ -182,7 +193,8 @@ def _download(store: Store, prefix: str, dest: Path, expected: dict[str, str] | 
     has_manifest = CHECKSUMS in rels
     if require_manifest and not has_manifest:
         raise StoreError(
-            f"{where} has no {CHECKSUMS}: the upload did not finish, or this is not an artifact. Nothing was downloaded."
+            f"{where} has no {CHECKSUMS}: the upload did not finish, or this is not an artifact. "
+            "Nothing was downloaded."
         )
     payload = [rel for rel in rels if rel != CHECKSUMS]
 

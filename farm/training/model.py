@@ -81,6 +81,8 @@ def load_base_model(base_dir: str | Path, spec, device=None):
     except Exception as exc:
         raise ModelError(f"{base_dir}: cannot load the base model ({q.bits}-bit): {exc}", field="base_model") from None
     model.config.use_cache = False
+    if q.bits == 4 and device.type == "cpu":
+        _keep_cpu_4bit_layout(model)
     checkpointing = spec.training.gradient_checkpointing
     if qconfig is not None:
         from peft import prepare_model_for_kbit_training
@@ -93,6 +95,21 @@ def load_base_model(base_dir: str | Path, spec, device=None):
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _keep_cpu_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference when the model runs in eval mode.
+
+    bitsandbytes 0.50 on an AVX512-BF16 CPU converts a Linear4bit's weight to an inference-only layout on the
+    first forward in eval mode, and keeps it: the weights change (the integrity checksum sees it) and later
+    training forwards go through `gemv_4bit`, which has no autograd kernel, so gradients into earlier layers are
+    silently wrong. Evaluation during training must not do that.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(spec):

@@ -1,0 +1,54 @@
+"""What /metrics reports, read from the catalog and the broker.
+
+These are read-only aggregate queries with no use case of their own in farm.service; they live beside the one
+route that needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import distinct, func, select
+
+from farm.catalog import repository as repo
+from farm.catalog.models import JOB_STATES, READY, Adapter, Job
+from farm.catalog.session import session_scope
+from farm.settings import FarmSettings
+
+DEFAULT_QUEUES = ("farm.cpu",)
+
+
+@dataclass
+class FarmStats:
+    """A snapshot of the farm for the metrics endpoint."""
+
+    jobs_by_state: dict[str, int]
+    durations: list[tuple[str, str, float]]
+    """(kind, final state, seconds from start to finish) of every finished job that started."""
+    adapters_by_kind: dict[str, int]
+    queue_depths: dict[str, int] = field(default_factory=dict)
+    broker_up: bool = True
+
+
+def collect_stats(settings: FarmSettings) -> FarmStats:
+    """Read the catalog, then ask the broker how many messages wait per queue (broker_up False if it cannot)."""
+    with session_scope(settings.database_url) as session:
+        counts = repo.count_jobs_by_state(session)
+        jobs_by_state = {state: counts.get(state, 0) for state in JOB_STATES}
+        rows = session.execute(
+            select(Job.kind, Job.state, Job.started_at, Job.finished_at)
+            .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        )
+        durations = [(kind, state, max(0.0, (repo.as_utc(end) - repo.as_utc(start)).total_seconds()))
+                     for kind, state, start, end in rows]
+        adapters_by_kind = dict(session.execute(
+            select(Adapter.kind, func.count()).where(Adapter.status == READY).group_by(Adapter.kind)).all())
+        queues = sorted(set(DEFAULT_QUEUES) | set(session.scalars(select(distinct(Job.queue)))))
+    stats = FarmStats(jobs_by_state, durations, adapters_by_kind)
+    try:
+        from farm.queue import queue_depths
+
+        stats.queue_depths = queue_depths(queues, settings.broker_url)
+    except Exception:  # the catalog's figures are still worth reporting
+        stats.broker_up = False
+    return stats

@@ -1,0 +1,173 @@
+"""A training job from start to finish, as the runner child process runs it: `run_training(job, emit)`.
+
+Order of work: parse the spec; hash the base weights and the dataset (provenance); tokenize the data; load the
+base and attach the adapter; check that only LoRA weights are trainable and checksum the frozen base; train
+(resuming from a checkpoint when the job says so); check the base again; save the adapter and its metrics; emit
+`done` with metrics and provenance. Every failure a user can cause raises a FarmError with a clear message; the
+runner entry (workers/runner.py) turns it into an `error` event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from farm.errors import FarmError, ModelError, SpecError
+
+REQUIRED_JOB_KEYS = ("job_id", "spec", "base_model", "dataset", "output_dir", "checkpoint_dir")
+METRICS_FILE = "training_metrics.json"
+
+
+def parse_job_spec(job: dict):
+    """The job's TrainSpec; SpecError naming the missing key or the bad fields."""
+    from pydantic import ValidationError
+
+    from farm.specs import TrainSpec
+
+    if not isinstance(job, dict):
+        raise SpecError(f"job file: expected a JSON object, got {type(job).__name__}")
+    missing = [k for k in REQUIRED_JOB_KEYS if job.get(k) in (None, "")]
+    if missing:
+        raise SpecError(f"job file: missing {', '.join(missing)} (the supervisor writes these; see "
+                        "farm/runner_protocol.py)", field=missing[0])
+    try:
+        return TrainSpec.model_validate(job["spec"])
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise SpecError("job spec is not a valid training spec:\n" + "\n".join(lines)) from None
+
+
+class _Clock:
+    """Named wall-clock phases for the provenance's timings."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def phase(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[f"{name}_seconds"] = round(now - since, 3)
+        return now
+
+    def as_dict(self) -> dict:
+        return {**self.phases, "total_seconds": round(time.perf_counter() - self.start, 3)}
+
+
+def run_training(job: dict, emit: Callable[[dict], None]) -> None:
+    """Train the job's adapter into job["output_dir"]; report through emit(event) (farm.runner_protocol events)."""
+    from farm.training import checkpoint as ckpt
+    from farm.training import integrity
+    from farm.training.backend import make_backend
+    from farm.training.data import prepare_data
+    from farm.training.environment import environment
+    from farm.training.loop import EpochPlan, LoopConfig, TrainState, total_steps, train
+    from farm.training.model import build_model, load_tokenizer, training_device
+    from farm.training.packing import to_rows
+
+    clock = _Clock()
+    spec = parse_job_spec(job)
+    params = spec.training
+    main = int(os.environ.get("RANK", "0")) == 0
+    say = emit if main else (lambda event: None)
+    base_dir = Path(job["base_model"])
+    if not base_dir.is_dir():
+        raise ModelError(f"{base_dir}: base model folder not found (job base_model)", field="base_model")
+    output_dir, checkpoint_dir = Path(job["output_dir"]), Path(job["checkpoint_dir"])
+
+    t = time.perf_counter()
+    say({"type": "log", "message": f"hashing the base model's weight files in {base_dir}"})
+    base_sha, base_files = integrity.weight_file_digests(base_dir)
+    dataset_sha = integrity.file_sha256(job["dataset"]) if Path(job["dataset"]).is_file() else None
+    eval_path = job.get("eval_dataset")
+    eval_sha = integrity.file_sha256(eval_path) if eval_path and Path(eval_path).is_file() else None
+    t = clock.phase("hash", t)
+
+    tokenizer = load_tokenizer(base_dir)
+    data = prepare_data(spec, tokenizer, job["dataset"], eval_path)
+    stats = data.stats
+    say({"type": "log", "message": (
+        f"data: {stats.rows} rows, {stats.train_examples} train and {stats.eval_examples} eval examples; "
+        f"{stats.truncated} truncated and {stats.dropped} dropped at max_seq_len {params.max_seq_len} "
+        f"(too_long: {spec.dataset.too_long})")})
+    t = clock.phase("data", t)
+
+    device = training_device()
+    model = build_model(base_dir, spec, job.get("continue_from"), device)
+    trainable, total = integrity.check_only_adapter_trainable(model)
+    base_checksum = integrity.base_params_checksum(model)
+    rows = to_rows(data.train, params.max_seq_len, params.packing)
+    eval_rows = to_rows(data.eval, params.max_seq_len, params.packing)
+    plan = EpochPlan(rows, params.micro_batch_size, params.grad_accum, params.seed)
+    steps = total_steps(plan, params)
+    backend = make_backend(model, spec, steps, device)
+    state = TrainState()
+    if job.get("resume_from"):
+        state = ckpt.load_checkpoint(job["resume_from"], model, backend, dataset_sha256=dataset_sha,
+                                     steps_per_epoch=plan.steps_per_epoch)
+        say({"type": "log", "message": f"resumed from {job['resume_from']} at step {state.step} of {steps}"})
+    resumed_at = state.step if job.get("resume_from") else None
+    t = clock.phase("load", t)
+
+    attn = getattr(model.config, "_attn_implementation", "") or ""
+    cfg = LoopConfig(total_steps=steps, pad_id=tokenizer.pad_token_id, packed=params.packing,
+                     flatten=params.packing and attn.startswith("flash"), micro_batch_size=params.micro_batch_size,
+                     eval_every=params.eval_every, early_stopping_patience=params.early_stopping_patience,
+                     checkpoint_every=params.checkpoint_every)
+    checkpoint_extra = {"job_id": job["job_id"], "attempt": job.get("attempt"), "dataset_sha256": dataset_sha,
+                        "steps_per_epoch": plan.steps_per_epoch, "grad_accum": params.grad_accum,
+                        "total_steps": steps}
+
+    def on_checkpoint(st: TrainState) -> None:
+        path = ckpt.save_checkpoint(checkpoint_dir, model, backend, st, checkpoint_extra)
+        say({"type": "checkpoint", "step": st.step, "path": str(path)})
+
+    say({"type": "log", "message": f"training {steps} steps ({plan.steps_per_epoch} per epoch, {len(rows)} rows"
+                                   f"{' packed' if params.packing else ''}) on {device}"})
+    state = train(backend, plan, eval_rows, cfg, state, say, on_checkpoint)
+    t = clock.phase("train", t)
+
+    integrity.check_only_adapter_trainable(model)
+    integrity.verify_base_unchanged(base_checksum, integrity.base_params_checksum(model))
+    last_eval = state.last_eval
+    metrics = {
+        "final_loss": next((h["loss"] for h in reversed(state.history) if "loss" in h), None),
+        "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
+        "perplexity": last_eval["perplexity"] if last_eval else None,
+        "best_eval_loss": state.best_eval_loss,
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "tokens": state.tokens,
+        "target_tokens": state.target_tokens,
+        "train_seconds": round(state.train_seconds, 3),
+        "tokens_per_s": state.tokens / state.step_seconds if state.step_seconds > 0 else 0.0,
+    }
+    if backend.is_main_process:
+        _save_outputs(model, output_dir, state, metrics)
+    clock.phase("save", t)
+
+    provenance = {
+        "base_model_sha256": base_sha,
+        "base_model_files": base_files,
+        "dataset": {"sha256": dataset_sha, "format": spec.dataset.format, "examples": stats.train_examples,
+                    "rows": stats.rows, "truncated": stats.truncated, "dropped": stats.dropped,
+                    "eval_examples": stats.eval_examples, "eval_sha256": eval_sha, "target_tokens": stats.target_tokens},
+        "environment": environment(),
+        "timings": clock.as_dict(),
+        "integrity": {"base_params_checksum": base_checksum, "trainable_params": trainable, "total_params": total},
+        "lineage": {"continue_from": job.get("continue_from"), "resume_from": job.get("resume_from"),
+                    "resumed_at_step": resumed_at, "attempt": job.get("attempt")},
+    }
+    say({"type": "done", "metrics": metrics, "provenance": provenance})
+
+
+def _save_outputs(model, output_dir: Path, state, metrics: dict) -> None:
+    """The adapter (stock peft layout) and training_metrics.json."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(output_dir)
+    except OSError as exc:
+        raise FarmError(f"{output_dir}: cannot write the adapter: {exc}") from None
+    (output_dir / METRICS_FILE).write_text(json.dumps({"history": state.history, "summary": metrics}, indent=1))

@@ -1,0 +1,399 @@
+"""The worker supervisor: one pinned Celery worker per device (or per group of N devices), kept running.
+
+`farm worker --gpus all` starts one `celery worker` per GPU, each seeing only its own device
+(CUDA_VISIBLE_DEVICES), serving the queue for its device count, named gpu<k>@<host> (gpu0-3@<host> for a
+group). The supervisor holds a lock per device (workers/device_lock.py), restarts a worker that dies (with
+backoff, giving up on a slot that keeps dying at start), and on SIGTERM/SIGINT stops every worker: SIGTERM to
+each worker's process group (Celery's warm shutdown; the task side kills its runner), SIGKILL after a grace
+period. On Linux it is also a child subreaper: a worker's descendant orphaned by a crash (a runner in its own
+session) is re-parented to the supervisor, which kills it, so no training outlives its worker.
+
+The supervisor never imports torch or touches CUDA; it only starts processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm.errors import FarmError
+from farm.settings import FarmSettings, get_settings
+from workers.device_lock import DeviceLock, acquire_device_locks
+from workers.devices import parse_gpu_selection, probe_gpus
+from workers.slots import Slot, plan_slots, worker_command
+
+__all__ = ["RestartPolicy", "Slot", "Supervisor", "plan_slots", "run_supervisor", "worker_command"]
+
+log = logging.getLogger("farm.supervisor")
+
+CommandFactory = Callable[[Slot, str, FarmSettings], tuple[list[str], dict[str, str]]]
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When to restart a dead worker: exponential backoff, and a cap on deaths soon after start."""
+
+    initial_backoff: float = 1.0
+    max_backoff: float = 60.0
+    stable_after: float = 60.0
+    """A worker that ran this long before dying starts a fresh count of rapid restarts."""
+    max_rapid_restarts: int = 5
+    """Deaths within `stable_after` of a start tolerated in a row; one more and the slot is given up."""
+
+
+@dataclass
+class _Worker:
+    slot: Slot
+    node: str
+    locks: list[DeviceLock] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    rapid_deaths: int = 0
+    next_start: float = 0.0
+    gave_up: bool = False
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None  # prctl is Linux-only; elsewhere we simply do without subreaping and parent-death signals
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()  # loaded up front: the worker's pre-exec hook runs between fork and exec
+
+
+def _become_subreaper() -> bool:
+    return bool(_LIBC is not None and _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def _term_with_parent() -> None:  # runs in the worker between fork and exec
+    # a supervisor killed outright (SIGKILL, OOM) still gets its workers a warm shutdown
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when it has no member left. Never our own group."""
+    if pgid <= 1 or pgid == os.getpgrp():
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _child_pids() -> list[int] | None:
+    """Our direct children from /proc (None where /proc is missing)."""
+    me, out = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: fields resume after the last ')'
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1 and fields[0] != b"Z" and int(fields[1]) == me:
+            out.append(int(entry))
+    return out
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    """Starts one worker process per slot and keeps them running until told to stop (see module docstring).
+
+    `command_factory(slot, hostname, settings) -> (argv, env)` builds a worker's command; the default is
+    `worker_command` with `app`. Tests pass a stand-in command here.
+    """
+
+    def __init__(self, slots: list[Slot], settings: FarmSettings, *, hostname: str | None = None,
+                 command_factory: CommandFactory | None = None, app: str = "workers.tasks",
+                 grace_seconds: float = 30.0, policy: RestartPolicy | None = None, poll_seconds: float = 0.2):
+        if len({s.name for s in slots}) != len(slots):
+            raise FarmError("two worker slots share a device: give each device to one slot", field="slots")
+        self.settings = settings
+        self.hostname = hostname or socket.gethostname()
+        self.command_factory = command_factory or (lambda s, h, st: worker_command(s, h, st, app=app))
+        self.grace_seconds = grace_seconds
+        self.policy = policy or RestartPolicy()
+        self.poll_seconds = poll_seconds
+        self.workers = [_Worker(s, f"{s.name}@{self.hostname}") for s in slots]
+        self._by_pid: dict[int, _Worker] = {}
+        self._orphans: dict[int, float] = {}  # process group of an adopted orphan -> when to SIGKILL it
+        self._stop_requests = 0
+        self._subreaper = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Take the device locks, start the workers, supervise until a stop signal; 0 on a clean stop, 1 when
+        every slot was given up. Raises DeviceBusy (nothing started) when a device is taken."""
+        lock_dir = Path(self.settings.home) / "locks"
+        try:
+            for w in self.workers:
+                w.locks = acquire_device_locks(lock_dir, w.slot.kind, list(w.slot.indexes))
+        except BaseException:
+            self._release_locks()
+            raise
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT,
+                                                                        signal.SIGHUP)}
+        try:
+            self._subreaper = _become_subreaper()
+            log.info("supervising %d worker(s) on %s: %s", len(self.workers), self.hostname,
+                     "; ".join(f"{w.node} -> {w.slot.describe()}, queue {w.slot.queue}" for w in self.workers))
+            code = 1
+            try:
+                code = self._supervise()
+            finally:  # even if the loop itself fails, no worker outlives the supervisor
+                self._shutdown()
+            return code
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._release_locks()
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop every worker (what SIGTERM does); a second request skips the grace period."""
+        self._stop_requests += 1
+
+    def _on_signal(self, signum, frame) -> None:
+        self.request_stop()
+
+    def _release_locks(self) -> None:
+        for w in self.workers:
+            for lock in w.locks:
+                lock.release()
+            w.locks = []
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+
+    def _supervise(self) -> int:
+        next_scan = 0.0
+        while not self._stop_requests:
+            self._reap()
+            now = time.monotonic()
+            for w in self.workers:
+                if w.proc is None and not w.gave_up and now >= w.next_start:
+                    self._start(w)
+            if all(w.gave_up for w in self.workers):
+                log.error("every worker slot was given up; the supervisor exits")
+                return 1
+            if now >= next_scan:
+                self._handle_orphans()
+                next_scan = now + 1.0
+            time.sleep(self.poll_seconds)
+        log.info("stop requested")
+        return 0
+
+    def _start(self, w: _Worker) -> None:
+        argv, env = self.command_factory(w.slot, self.hostname, self.settings)
+        w.started_at = time.monotonic()
+        try:
+            w.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                      pass_fds=[lock.fd for lock in w.locks], preexec_fn=_term_with_parent)
+        except OSError as exc:
+            log.error("worker %s could not start (%s): %s", w.node, argv[0], exc)
+            self._schedule_restart(w, 0.0)
+            return
+        self._by_pid[w.proc.pid] = w
+        for lock in w.locks:
+            lock.record(worker_pid=w.proc.pid, node=w.node)
+        log.info("started worker %s (pid %d) on %s, queue %s", w.node, w.proc.pid, w.slot.describe(),
+                 w.slot.queue)
+
+    def _reap(self) -> bool:
+        """Collect every exited child; True while we still have children."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            code = os.waitstatus_to_exitcode(status)
+            w = self._by_pid.pop(pid, None)
+            if w is None:
+                log.info("reaped adopted process %d, which %s", pid, _exit_text(code))
+                continue
+            w.proc.returncode = code  # we reaped it, so Popen must not wait for it again
+            w.proc = None
+            # what is left in its group (the prefork pool child) is of no use without it
+            _signal_group(pid, signal.SIGKILL)
+            ran = time.monotonic() - w.started_at
+            if self._stop_requests:
+                log.info("worker %s (pid %d) %s", w.node, pid, _exit_text(code))
+            else:
+                log.warning("worker %s (pid %d) %s after %.1f s", w.node, pid, _exit_text(code), ran)
+                self._schedule_restart(w, ran)
+
+    def _schedule_restart(self, w: _Worker, ran: float) -> None:
+        p = self.policy
+        w.rapid_deaths = 1 if ran >= p.stable_after else w.rapid_deaths + 1
+        if w.rapid_deaths > p.max_rapid_restarts:
+            w.gave_up = True
+            for lock in w.locks:
+                lock.release()
+            w.locks = []
+            log.error("worker %s died %d times in a row within %.0f s of starting: giving up on %s and releasing "
+                      "its lock. Its log above says why; fix that and restart the supervisor", w.node,
+                      w.rapid_deaths, p.stable_after, w.slot.describe())
+            return
+        delay = min(p.initial_backoff * 2 ** (w.rapid_deaths - 1), p.max_backoff)
+        w.next_start = time.monotonic() + delay
+        log.warning("restarting worker %s in %.1f s (rapid restart %d of %d)", w.node, delay, w.rapid_deaths,
+                    p.max_rapid_restarts)
+
+    def _handle_orphans(self) -> None:
+        """Kill what a dead worker left behind and we adopted as subreaper: SIGTERM its group, SIGKILL later."""
+        if not self._subreaper:
+            return
+        now = time.monotonic()
+        for pid in _child_pids() or []:
+            if pid in self._by_pid:
+                continue
+            try:
+                pgid = os.getpgid(pid)
+            except ProcessLookupError:
+                continue
+            if pgid not in self._orphans:
+                log.warning("process %d (group %d) outlived the worker that started it: stopping it", pid, pgid)
+                self._orphans[pgid] = now + self.grace_seconds
+                if not _signal_group(pgid, signal.SIGTERM):
+                    os.kill(pid, signal.SIGTERM)
+        for pgid, kill_at in list(self._orphans.items()):
+            if not _signal_group(pgid, 0):
+                del self._orphans[pgid]
+            elif now >= kill_at:
+                log.warning("process group %d ignored SIGTERM for %.0f s: SIGKILL", pgid, self.grace_seconds)
+                _signal_group(pgid, signal.SIGKILL)
+
+    # ---- stopping --------------------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """SIGTERM every worker group (and adopted orphans), SIGKILL what is left after the grace period, and
+        return only once no child is left (or it resists SIGKILL for 10 s, which is logged)."""
+        groups = {w.proc.pid for w in self.workers if w.proc is not None} | set(self._orphans)
+        if groups:
+            log.info("stopping %d worker(s): SIGTERM (warm shutdown), SIGKILL after %.0f s", len(groups),
+                     self.grace_seconds)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        deadline, killed_at = time.monotonic() + self.grace_seconds, None
+        while True:
+            has_children = self._reap()
+            adopted = [pid for pid in (_child_pids() or []) if pid not in self._by_pid] if self._subreaper else []
+            for pid in adopted:
+                try:
+                    pgid = os.getpgid(pid)
+                except ProcessLookupError:
+                    continue
+                if pgid not in groups:
+                    groups.add(pgid)
+                    _signal_group(pgid, signal.SIGKILL if killed_at else signal.SIGTERM)
+            groups = {g for g in groups if _signal_group(g, 0)}
+            if not groups and not has_children:
+                break
+            now = time.monotonic()
+            if killed_at is None and (now >= deadline or self._stop_requests > 1):
+                log.warning("still running after the grace period: SIGKILL to %s",
+                            ", ".join(f"group {g}" for g in sorted(groups)) or "children")
+                killed_at = now
+            if killed_at is not None:
+                for pgid in groups:
+                    _signal_group(pgid, signal.SIGKILL)
+                for pid in adopted:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                if now - killed_at > 10.0:
+                    log.error("processes survive SIGKILL (groups %s); giving up waiting for them", sorted(groups))
+                    break
+            time.sleep(0.05)
+        log.info("all workers stopped")
+
+
+def run_supervisor(gpus: str | None, cpus: int | None, group: int, settings: FarmSettings, *,
+                   hostname: str | None = None, app: str = "workers.tasks", grace_seconds: float = 30.0,
+                   command_factory: CommandFactory | None = None, policy: RestartPolicy | None = None) -> int:
+    """What `farm worker` runs: pinned workers for `--gpus all|0,1` or `--cpus N`, `group` devices each.
+
+    Raises FarmError (before starting anything) for a bad selection, a host without the GPUs asked for, a
+    group that does not divide the devices, or a device another supervisor holds. Returns the exit code.
+    """
+    if (gpus is None) == (cpus is None):
+        raise FarmError("say which devices to serve: --gpus all|0,1,... or --cpus N (not both)", field="gpus")
+    if group > settings.max_group_size:
+        raise FarmError(f"--group {group} is above FARM_MAX_GROUP_SIZE={settings.max_group_size}: no job may ask "
+                        f"for that many devices; use a smaller group or raise FARM_MAX_GROUP_SIZE", field="group")
+    if gpus is not None:
+        probe = probe_gpus()
+        if not probe.devices:
+            raise FarmError(f"--gpus {gpus}: no GPU found on this host ({probe.problem}); to run CPU workers use "
+                            f"--cpus N (or --cpu)", field="gpus")
+        slots = plan_slots("gpu", parse_gpu_selection(gpus, probe.devices), group)
+    else:
+        if cpus < 1:
+            raise FarmError(f"--cpus {cpus}: give at least 1 CPU slot", field="cpus")
+        slots = plan_slots("cpu", list(range(cpus)), group)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [supervisor] %(message)s")
+    supervisor = Supervisor(slots, settings, hostname=hostname, app=app, grace_seconds=grace_seconds,
+                            command_factory=command_factory, policy=policy)
+    return supervisor.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workers.supervisor --gpus all` (what `farm worker` does, for images without the CLI)."""
+    parser = argparse.ArgumentParser(prog="python -m workers.supervisor", description=__doc__.splitlines()[0])
+    devices = parser.add_mutually_exclusive_group(required=True)
+    devices.add_argument("--gpus", help="'all' or GPU indexes like 0,1,2,3")
+    devices.add_argument("--cpus", type=int, help="N CPU slots")
+    devices.add_argument("--cpu", action="store_true", help="one CPU slot (= --cpus 1)")
+    parser.add_argument("--group", type=int, default=1, help="devices per worker (default 1)")
+    parser.add_argument("--app", default="workers.tasks", help="Celery app of the workers (default workers.tasks)")
+    parser.add_argument("--hostname", default=None, help="host part of the node names (default: this host)")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL at stop")
+    args = parser.parse_args(argv)
+    try:
+        return run_supervisor(args.gpus, 1 if args.cpu else args.cpus, args.group, get_settings(),
+                              hostname=args.hostname, app=args.app, grace_seconds=args.grace)
+    except FarmError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
