@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.errors import (
     AuthError,
@@ -96,6 +97,15 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return JSONResponse(body, status_code=422)
 
 
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Routing errors (no such path, wrong method): the same body shape, so clients parse one format.
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = {404: "no such API route: see /docs for the routes this API serves"}.get(exc.status_code,
+                                                                                        str(exc.detail))
+    return JSONResponse({"code": code, "message": message}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the server log (uvicorn logs it again); the client gets no internals.
     log.error("unhandled error in the API: %s", type(exc).__name__)
@@ -107,4 +117,5 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn FarmErrors and bad parameters into {"code", "message", "field"} JSON."""
     app.add_exception_handler(FarmError, _farm_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

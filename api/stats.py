@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import func, select
 
 from farm.catalog import repository as repo
 from farm.catalog.models import JOB_STATES, READY, Adapter, Job
@@ -43,7 +43,7 @@ def collect_stats(settings: FarmSettings) -> FarmStats:
                      for kind, state, start, end in rows]
         adapters_by_kind = dict(session.execute(
             select(Adapter.kind, func.count()).where(Adapter.status == READY).group_by(Adapter.kind)).all())
-        queues = sorted(set(DEFAULT_QUEUES) | set(session.scalars(select(distinct(Job.queue)))))
+        queues = sorted(set(DEFAULT_QUEUES) | set(session.scalars(select(Job.queue).distinct())))
     stats = FarmStats(jobs_by_state, durations, adapters_by_kind)
     try:
         from farm.queue import queue_depths

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import httpx
+from pydantic import SecretStr
 
 from farm import __version__
 from farm.datasets import validate_dataset
@@ -85,8 +86,10 @@ class HttpClient:
         self.base_url = self.settings.api_url.rstrip("/")
         self.poll_seconds = poll_seconds
         headers = {"User-Agent": f"lora-farm/{__version__}"}
-        if self.settings.api_token is not None:
-            headers["Authorization"] = f"Bearer {self.settings.api_token.get_secret_value()}"
+        token = self.settings.api_token
+        if token is not None:
+            secret = token.get_secret_value() if isinstance(token, SecretStr) else str(token)
+            headers["Authorization"] = f"Bearer {secret}"
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         # Presigned store URLs carry their own signature: the API token must never be sent to the store.
         self._plain = httpx.Client(timeout=timeout, headers={"User-Agent": headers["User-Agent"]})

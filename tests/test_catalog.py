@@ -513,3 +513,11 @@ def test_a_heartbeat_racing_the_reaper_is_either_before_or_refused(catalog_url):
     # hour ahead). Never: the reaper recovers the job and the heartbeat's commit then renews a lease it lost.
     assert outcome in (["renewed", [job_id]], [[], "renewed"]), outcome
     assert (job.state, job.lease_expires_at is None) in [(RECOVERING, True), (RUNNING, False)]
+
+
+def test_engine_urls_make_only_the_folder_of_a_database_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    get_engine("sqlite://")  # in memory: no folder at all (it used to create one named "sqlite:")
+    get_engine(f"sqlite:///{tmp_path}/a/b/catalog.db?timeout=5").connect().close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["catalog.db"]

@@ -30,7 +30,8 @@ def fake_nvidia_smi(folder: Path, stdout: str, code: int = 0, stderr: str = "") 
     """An executable that answers like nvidia-smi would (and records the arguments it got)."""
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "nvidia-smi"
-    exe.write_text(f"#!{sys.executable}\nimport sys\nopen({str(folder / 'args')!r}, 'w').write(' '.join(sys.argv[1:]))\n"
+    args_file = str(folder / "args")
+    exe.write_text(f"#!{sys.executable}\nimport sys\nopen({args_file!r}, 'w').write(' '.join(sys.argv[1:]))\n"
                    f"sys.stdout.write({stdout!r}); sys.stderr.write({stderr!r}); sys.exit({code})\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return exe
@@ -141,7 +142,8 @@ def test_a_taken_device_is_refused_naming_it_and_its_holder(tmp_path):
     lock.record(worker_pid=4242, node="gpu0@hostA")
     with pytest.raises(DeviceBusy) as err:
         acquire_device_lock(tmp_path, "gpu", 0)
-    assert f"GPU 0 is already taken by the worker supervisor with pid {os.getpid()} (worker gpu0@hostA)" in str(err.value)
+    expected = f"GPU 0 is already taken by the worker supervisor with pid {os.getpid()} (worker gpu0@hostA)"
+    assert expected in str(err.value)
     assert str(tmp_path / "gpu0.lock") in str(err.value)
     assert err.value.code == "device_busy"
     # another device, and the same index of the other kind, are free

@@ -130,6 +130,18 @@ def test_an_unversioned_catalog_that_differs_is_refused_untouched(blank_url):
     assert tables(blank_url) == {"jobs"}
 
 
+@pytest.mark.parametrize("revision", ["nope", "12345678", "", " "])
+def test_an_unknown_revision_is_refused_with_the_known_ones(tmp_path, revision):
+    url = f"sqlite:///{tmp_path}/catalog.db"
+    with pytest.raises(FarmError, match=rf"cannot migrate the catalog to revision '{revision}': .*the newest is '"):
+        upgrade_database(url, revision)
+    assert current_revision(url) is None
+    upgrade_database(url)
+    with pytest.raises(FarmError, match=r"cannot migrate the catalog to revision 'nope'"):
+        downgrade_database(url, "nope")
+    assert current_revision(url) == head_revision()
+
+
 def test_current_revision_of_a_missing_sqlite_file_is_none_and_creates_nothing(tmp_path):
     assert current_revision(f"sqlite:///{tmp_path}/nowhere/catalog.db") is None
     assert not (tmp_path / "nowhere").exists()

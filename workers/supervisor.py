@@ -101,7 +101,10 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 def _child_pids() -> list[int] | None:
-    """Our direct children from /proc (None where /proc is missing)."""
+    """Our live direct children, from /proc (None where /proc is missing)."""
+    fast = _child_pids_from_task_lists()
+    if fast is not None:
+        return fast
     me, out = os.getpid(), []
     try:
         entries = os.listdir("/proc")
@@ -120,6 +123,24 @@ def _child_pids() -> list[int] | None:
         if len(fields) > 1 and fields[0] != b"Z" and int(fields[1]) == me:
             out.append(int(entry))
     return out
+
+
+def _child_pids_from_task_lists() -> list[int] | None:
+    # /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN) spares reading every process's stat
+    try:
+        tids = os.listdir("/proc/self/task")
+        pids = [int(pid) for tid in tids for pid in Path(f"/proc/self/task/{tid}/children").read_text().split()]
+    except OSError:
+        return None
+    return [pid for pid in pids if not _is_zombie(pid)]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True  # gone already
+    return stat[stat.rfind(b")") + 2:].split()[0] == b"Z"
 
 
 def _exit_text(code: int) -> str:
@@ -290,14 +311,14 @@ class Supervisor:
             if pgid not in self._orphans:
                 log.warning("process %d (group %d) outlived the worker that started it: stopping it", pid, pgid)
                 self._orphans[pgid] = now + self.grace_seconds
-                if not _signal_group(pgid, signal.SIGTERM):
-                    os.kill(pid, signal.SIGTERM)
+                _signal_group(pgid, signal.SIGTERM)  # workers lead their own sessions: never our group
         for pgid, kill_at in list(self._orphans.items()):
             if not _signal_group(pgid, 0):
                 del self._orphans[pgid]
             elif now >= kill_at:
                 log.warning("process group %d ignored SIGTERM for %.0f s: SIGKILL", pgid, self.grace_seconds)
                 _signal_group(pgid, signal.SIGKILL)
+                self._orphans[pgid] = float("inf")  # SIGKILL needs no repeating; the group empties soon
 
     # ---- stopping --------------------------------------------------------------------------------------------
 
@@ -310,10 +331,13 @@ class Supervisor:
                      self.grace_seconds)
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
-        deadline, killed_at = time.monotonic() + self.grace_seconds, None
+        deadline, killed_at, next_scan = time.monotonic() + self.grace_seconds, None, 0.0
+        adopted: list[int] = []
         while True:
             has_children = self._reap()
-            adopted = [pid for pid in (_child_pids() or []) if pid not in self._by_pid] if self._subreaper else []
+            if self._subreaper and time.monotonic() >= next_scan:  # /proc is not free to read: twice a second
+                adopted = [pid for pid in (_child_pids() or []) if pid not in self._by_pid]
+                next_scan = time.monotonic() + 0.5
             for pid in adopted:
                 try:
                     pgid = os.getpgid(pid)
@@ -327,8 +351,9 @@ class Supervisor:
                 break
             now = time.monotonic()
             if killed_at is None and (now >= deadline or self._stop_requests > 1):
-                log.warning("still running after the grace period: SIGKILL to %s",
-                            ", ".join(f"group {g}" for g in sorted(groups)) or "children")
+                why = "after the grace period" if now >= deadline else "and stop was asked twice"
+                log.warning("still running %s: SIGKILL to %s", why,
+                            ", ".join(f"group {g}" for g in sorted(groups)) or "what is left")
                 killed_at = now
             if killed_at is not None:
                 for pgid in groups:
@@ -338,6 +363,7 @@ class Supervisor:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
+                adopted = []
                 if now - killed_at > 10.0:
                     log.error("processes survive SIGKILL (groups %s); giving up waiting for them", sorted(groups))
                     break

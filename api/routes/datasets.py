@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from api.errors import ErrorBody
 from api.deps import SettingsDep
 from farm import service
 from farm.errors import DatasetError
@@ -30,7 +31,7 @@ _UPLOAD_DOC = {
 
 
 @router.post("", status_code=201, openapi_extra=_UPLOAD_DOC,
-             responses={422: {"description": "A line does not parse or lacks its format's fields; nothing stored."}})
+             responses={422: {"model": ErrorBody, "description": "A line does not parse or lacks its format's fields; nothing stored."}})
 async def upload_dataset(
     request: Request,
     settings: SettingsDep,

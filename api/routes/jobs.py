@@ -12,6 +12,7 @@ from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from api import sse
+from api.errors import ErrorBody
 from api.deps import CallerDep, SettingsDep
 from farm import service
 from farm.errors import SpecError
@@ -64,7 +65,7 @@ async def read_spec_body(request: Request) -> object:
 
 
 @router.post("", status_code=201, openapi_extra=_SPEC_BODY_DOC,
-             responses={422: {"description": "The spec, its dataset or its model is invalid: "
+             responses={422: {"model": ErrorBody, "description": "The spec, its dataset or its model is invalid: "
                                              "{code, message, field}, the message the CLI prints."}})
 def submit_job(spec: Annotated[object, Depends(read_spec_body)], caller: CallerDep,
                settings: SettingsDep) -> JobPublic:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, pool
@@ -95,6 +96,9 @@ def _adopt_unversioned_catalog(url: str) -> None:
             diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     finally:
         engine.dispose()
+    # Tables of other applications sharing the database are theirs, not a difference in the catalog.
+    diffs = [d for d in diffs if not (isinstance(d, tuple) and d[0] == "remove_table"
+                                      and d[1].name not in Base.metadata.tables)]
     if diffs:
         raise FarmError(
             f"the catalog at {make_url(url).render_as_string(hide_password=True)} has tables but no migration "
@@ -108,9 +112,20 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     """Migrate the catalog at `url` to `revision` (default: the newest). Upgrading an up-to-date one does nothing."""
     if revision == "head":
         _adopt_unversioned_catalog(url)
-    command.upgrade(alembic_config(url), revision)
+    _run(command.upgrade, url, revision)
 
 
 def downgrade_database(url: str, revision: str) -> None:
     """Migrate the catalog at `url` down to `revision` ("base" drops every table of the catalog)."""
-    command.downgrade(alembic_config(url), revision)
+    _run(command.downgrade, url, revision)
+
+
+def _run(step, url: str, revision: str) -> None:
+    if not revision.strip():
+        raise FarmError(f"cannot migrate the catalog to revision {revision!r}: give `head`, `base` or a revision id "
+                        f"(the newest is {head_revision()!r})")
+    try:
+        step(alembic_config(url), revision)
+    except CommandError as exc:  # an unknown or ambiguous revision, mostly: say it in the farm's words
+        raise FarmError(f"cannot migrate the catalog to revision {revision!r}: {exc} "
+                        f"(the newest is {head_revision()!r}; `head` and `base` also work)") from exc

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -24,8 +24,9 @@ def _sqlite_pragmas(dbapi_conn, _record):
 def get_engine(url: str) -> Engine:
     """An engine for this URL; SQLite gets WAL and a busy timeout so workers and producers can share it."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        # make_url, not string splitting: "sqlite://" (in memory) has no path and "?mode=ro" is not part of one.
+        path = make_url(url).database
+        if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)

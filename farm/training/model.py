@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -44,6 +45,20 @@ def load_tokenizer(base_dir: str | Path):
     return tokenizer
 
 
+def check_model_config(base_dir: str | Path) -> None:
+    """Raise ModelError unless base_dir holds a config transformers can read as a causal LM."""
+    from transformers import AutoConfig
+
+    path = Path(base_dir)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json; base_model must be a saved transformers model folder",
+                         field="base_model")
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(f"{path}/config.json: transformers cannot read it: {exc}", field="base_model") from None
+
+
 def quantization_config(spec):
     """The BitsAndBytesConfig for spec.quantization (None for 16 bit)."""
     import torch
@@ -76,13 +91,15 @@ def load_base_model(base_dir: str | Path, spec, device=None):
         kwargs["quantization_config"] = qconfig
     if device.type != "cpu":
         kwargs["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    except Exception as exc:
-        raise ModelError(f"{base_dir}: cannot load the base model ({q.bits}-bit): {exc}", field="base_model") from None
+    check_model_config(base_dir)
+    # Failures past the config (a truncated weight file, out of memory) are left to propagate: they may be
+    # transient (a disk or fetch fault), so the runner reports a crash and the job gets another attempt.
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     model.config.use_cache = False
     if q.bits == 4 and device.type == "cpu":
         _keep_cpu_4bit_layout(model)
+    if q.bits == 8:
+        _quiet_int8_cast_warning()
     checkpointing = spec.training.gradient_checkpointing
     if qconfig is not None:
         from peft import prepare_model_for_kbit_training
@@ -110,6 +127,17 @@ def _keep_cpu_4bit_layout(model) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+class _DropInt8CastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs this on every int8 matmul (k-bit preparation keeps activations in float32): one line per
+    layer per step would bury the runner's log."""
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastWarning())
 
 
 def lora_config(spec):

@@ -1,0 +1,247 @@
+"""Read a model directory without torch: config.json, safetensors headers, weight hashes.
+
+The submit-time checks (and the extraction planner) need tensor names, dtypes and shapes, never the weights
+themselves. A safetensors file opens with an 8-byte little-endian header length followed by a JSON header
+(name -> dtype, shape, data_offsets), so reading a 70B model's layout costs a few kilobytes per shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from farm.errors import ModelError
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Files that sit beside a model but are not its weights.
+_NOT_WEIGHTS = {"adapter_model.safetensors"}
+# The safetensors format itself refuses headers above 100 MB; a bigger one means a corrupt file.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_CHUNK = 1024 * 1024
+
+# Last name component of input-embedding layers across common architectures (never LoRA "all-linear" targets).
+_EMBEDDING_NAMES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "embed_positions",
+                    "token_type_embeddings", "embed_in", "tok_embeddings", "shared"}
+# Output heads: peft's "all-linear" excludes the model's output embedding layer.
+_OUTPUT_NAMES = {"lm_head", "embed_out"}
+_OUTPUT_FULL_NAMES = {"output"}  # Meta's original Llama layout names the head just `output`
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its safetensors header describes it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def resolve_model_dir(ref: str) -> Path | None:
+    """The local directory `ref` names, or None when it is not one (s3://…, a hub id, or no such path).
+
+    A path that exists but is a file raises ModelError: the farm wants the model's folder.
+    """
+    if "://" in ref:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ModelError(f"{ref}: is a file; give the model's directory (the folder holding config.json and "
+                         "*.safetensors)")
+    return None
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict; ModelError naming the file when it is missing or not a JSON object."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not Path(model_dir).is_dir():
+        raise ModelError(f"{model_dir}: no such model directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing; a model directory needs its config.json (save it with "
+                         "save_pretrained)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _index_files(model_dir: Path) -> list[Path] | None:
+    index = model_dir / SAFETENSORS_INDEX
+    if not index.exists():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{index}: not a valid safetensors index (needs a `weight_map` object): {exc}") from None
+    files = [model_dir / name for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelError(f"{index}: lists shard(s) that are not in {model_dir}: {', '.join(missing)}; the download "
+                         "is incomplete")
+    return files
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The model's *.safetensors files (the shards named by model.safetensors.index.json when there is one)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: no such model directory")
+    files = _index_files(model_dir)
+    if files is None:
+        files = sorted(p for p in model_dir.glob("*.safetensors") if p.name not in _NOT_WEIGHTS)
+    if not files:
+        other = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (f" (found {', '.join(other[:3])}: convert them with `model.save_pretrained(dir, "
+                "safe_serialization=True)`)") if other else ""
+        raise ModelError(f"{model_dir}: no *.safetensors weight files; the farm reads safetensors only{hint}")
+    return files
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of one safetensors file (tensor name -> {dtype, shape, data_offsets}, plus __metadata__)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path}: too short to be a safetensors file ({len(head)} bytes)")
+            (length,) = struct.unpack("<Q", head)
+            size = path.stat().st_size
+            if length > _MAX_HEADER_BYTES or 8 + length > size:
+                raise ModelError(f"{path}: not a safetensors file (header length {length} does not fit a "
+                                 f"{size}-byte file)")
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: corrupt safetensors header: not a JSON object")
+    return header
+
+
+def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the model (name -> dtype, shape, file), from the safetensors headers only."""
+    index: dict[str, TensorInfo] = {}
+    for path in weight_files(model_dir):
+        for name, entry in read_safetensors_header(path).items():
+            if name == "__metadata__":
+                continue
+            try:
+                info = TensorInfo(name=name, dtype=str(entry["dtype"]), shape=tuple(int(d) for d in entry["shape"]),
+                                  file=path)
+            except (KeyError, TypeError, ValueError):
+                raise ModelError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+            if name in index:
+                raise ModelError(f"{model_dir}: tensor {name} is stored twice ({index[name].file.name} and "
+                                 f"{path.name})")
+            index[name] = info
+    return index
+
+
+def is_embedding_module(module: str) -> bool:
+    """Input embeddings and output heads: never "all-linear" LoRA targets (changed ones go to modules_to_save)."""
+    last = module.rsplit(".", 1)[-1]
+    return last in _EMBEDDING_NAMES or last in _OUTPUT_NAMES or module in _OUTPUT_FULL_NAMES
+
+
+def _matrix_modules(index: dict[str, TensorInfo]) -> list[str]:
+    return [n[: -len(".weight")] for n, t in index.items() if n.endswith(".weight") and len(t.shape) == 2]
+
+
+def linear_module_names(model_dir: Path, index: dict[str, TensorInfo] | None = None) -> list[str]:
+    """Modules with a 2-D `.weight`, minus embeddings and the output head: what peft's "all-linear" targets."""
+    index = read_tensor_index(model_dir) if index is None else index
+    return [m for m in _matrix_modules(index) if not is_embedding_module(m)]
+
+
+def module_suffixes(modules: list[str]) -> list[str]:
+    """The distinct last name components (q_proj, k_proj, ...), sorted: what a user writes in target_modules."""
+    return sorted({m.rsplit(".", 1)[-1] for m in modules})
+
+
+def matches_target(module: str, target: str) -> bool:
+    """peft's rule for a list of target names: the full name, or a suffix after a dot."""
+    return module == target or module.endswith("." + target)
+
+
+def check_target_modules(model_dir: Path, target_modules: str | list[str],
+                         index: dict[str, TensorInfo] | None = None) -> list[str]:
+    """The module names `target_modules` selects ("all-linear" or name suffixes); ModelError when one matches none.
+
+    A listed name may also select an embedding or the output head (peft can target those); "all-linear" never does.
+    """
+    index = read_tensor_index(model_dir) if index is None else index
+    linear = linear_module_names(model_dir, index)
+    if target_modules == "all-linear":
+        if not linear:
+            raise ModelError(f"{model_dir}: no linear layers (2-D .weight tensors) besides embeddings; nothing for "
+                             "LoRA to target")
+        return linear
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    candidates = _matrix_modules(index)
+    missing = [t for t in target_modules if not any(matches_target(m, t) for m in candidates)]
+    if missing:
+        raise ModelError(
+            f"{model_dir}: target_modules {', '.join(repr(t) for t in missing)} match no layer of this model; "
+            f"available: {', '.join(module_suffixes(linear))} (or 'all-linear')", field="target_modules")
+    return [m for m in candidates if any(matches_target(m, t) for t in target_modules)]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of one file, streamed in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_weights(model_dir: Path) -> tuple[str, dict[str, str]]:
+    """(combined digest, {file name: sha256}) of the weight files; combined = sha256 of "name sha\\n" sorted by name."""
+    per_file = {p.name: sha256_file(p) for p in weight_files(model_dir)}
+    combined = hashlib.sha256("".join(f"{n} {per_file[n]}\n" for n in sorted(per_file)).encode()).hexdigest()
+    return combined, per_file
+
+
+def check_same_architecture(base_dir: Path, ft_dir: Path) -> None:
+    """Both models share model_type, architectures, tensor names and shapes; ModelError naming the first difference."""
+    base_cfg, ft_cfg = read_config(base_dir), read_config(ft_dir)
+    for key in ("model_type", "architectures"):
+        if base_cfg.get(key) != ft_cfg.get(key):
+            raise ModelError(f"config.json `{key}` differs: base {base_dir} has {base_cfg.get(key)!r}, fine-tuned "
+                             f"{ft_dir} has {ft_cfg.get(key)!r}; extraction needs the same architecture")
+    base, ft = read_tensor_index(base_dir), read_tensor_index(ft_dir)
+    only_base = [n for n in base if n not in ft]
+    only_ft = [n for n in ft if n not in base]
+    if only_base:
+        raise ModelError(f"tensor {only_base[0]} is in the base model {base_dir} but not in the fine-tuned model "
+                         f"{ft_dir}" + (f" (and {len(only_base) - 1} more)" if len(only_base) > 1 else ""))
+    if only_ft:
+        raise ModelError(f"tensor {only_ft[0]} is in the fine-tuned model {ft_dir} but not in the base model "
+                         f"{base_dir}" + (f" (and {len(only_ft) - 1} more)" if len(only_ft) > 1 else ""))
+    for name, info in base.items():
+        if ft[name].shape != info.shape:
+            raise ModelError(f"tensor {name}: shape {list(info.shape)} in the base model {base_dir} but "
+                             f"{list(ft[name].shape)} in the fine-tuned model {ft_dir}; extraction needs the same "
+                             "shapes")

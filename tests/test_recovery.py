@@ -1,0 +1,103 @@
+"""Jobs survive a lost worker: kill -9 mid-job, another worker resumes from the last checkpoint, one version is
+published, and the loss matches an uninterrupted run. A job that fails every attempt ends failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from farm import service
+from farm.catalog import repository as repo
+from farm.catalog.session import session_scope
+from tests.test_end_to_end import write_spec
+
+
+def runner_processes(root) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "workers.runner" in cmd and str(root) in cmd:
+            out.append(p)
+    return out
+
+
+def test_killed_worker_job_resumes_from_checkpoint_and_publishes_once(farm_stack, tiny_model_dir, tmp_path):
+    from farm.tiny import write_dataset
+
+    settings = farm_stack.settings
+    data = write_dataset(tmp_path / "chat.jsonl", "chat", n=64, seed=3)
+    spec = dict(max_steps=12, checkpoint_every=4, lr_scheduler="linear", warmup_steps=2)
+
+    first = farm_stack.start_worker(name="doomed")
+    reference = service.submit_job(write_spec(tmp_path / "ref.yaml", tiny_model_dir, data, **spec), settings=settings)
+    reference = service.wait_for_job(reference.id, timeout=600, settings=settings)
+    assert reference.state == "succeeded", farm_stack.worker_logs()
+
+    interrupted = write_spec(tmp_path / "job.yaml", tiny_model_dir, data, **spec)
+    text = interrupted.read_text().replace("name: e2e-bot", "name: e2e-resumed")
+    interrupted.write_text(text)
+    job = service.submit_job(interrupted, settings=settings)
+
+    def checkpointed(view):
+        with session_scope(settings.database_url) as session:
+            return repo.latest_checkpoint(session, view.id) is not None and (view.progress or {}).get("step", 0) >= 6
+
+    deadline = time.monotonic() + 300
+    while not checkpointed(service.get_job(job.id, settings=settings)):
+        assert time.monotonic() < deadline, farm_stack.worker_logs()
+        time.sleep(0.2)
+
+    runners = runner_processes(farm_stack.root)
+    assert runners, "no runner process found"
+    farm_stack.kill_worker(first, signal.SIGKILL)
+    for p in runners:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(runners, timeout=30)
+    assert service.get_job(job.id, settings=settings).state == "running"  # nobody knows yet: the lease runs out
+
+    farm_stack.start_worker(name="rescuer")
+    final = service.wait_for_job(job.id, timeout=600, settings=settings)
+    assert final.state == "succeeded", (final.error, farm_stack.worker_logs())
+    assert final.attempt == 2
+    states = [e.state for e in service.job_events(job.id, settings=settings) if e.type == "state"]
+    assert states == ["queued", "running", "recovering", "running", "succeeded"]
+
+    adapters = service.list_adapters("e2e-resumed", settings=settings)
+    assert [a.version for a in adapters] == [1]
+    meta = adapters[0].provenance
+    assert meta["lineage"]["resumed_from_step"] in (4, 8) and meta["lineage"]["attempt"] == 2
+    ref_loss = service.get_adapter("e2e-bot", settings=settings).metrics["final_loss"]
+    assert adapters[0].metrics["final_loss"] == pytest.approx(ref_loss, rel=1e-3, abs=1e-4)
+
+
+def test_job_failing_every_attempt_ends_failed_with_last_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    from farm.tiny import write_dataset
+    from tests.fixtures.farm import make_stack
+
+    stack = make_stack(tmp_path / "farm", max_attempts=2)
+    try:
+        model = tmp_path / "model"
+        shutil.copytree(tiny_model_dir, model)
+        data = write_dataset(tmp_path / "chat.jsonl", "chat", n=16, seed=3)
+        job = service.submit_job(write_spec(tmp_path / "job.yaml", model, data), settings=stack.settings)
+        # the weights break after submit (a disk fault, say): every attempt crashes while loading them
+        weights = next(model.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:4096])
+        stack.start_worker()
+        final = service.wait_for_job(job.id, timeout=600, settings=stack.settings)
+        assert final.state == "failed" and final.attempt == 2, stack.worker_logs()
+        assert "all 2 attempts used" in final.error.message
+        states = [e.state for e in service.job_events(job.id, settings=stack.settings) if e.type == "state"]
+        assert states == ["queued", "running", "recovering", "running", "failed"]
+    finally:
+        stack.stop()
