@@ -60,5 +60,5 @@ def ensure_services(settings: FarmSettings) -> list[str]:
     from farm.store import open_store
 
     store = open_store(settings.store_url, settings)
-    lines.append(f"store: {store.uri('')}")
+    lines.append(f"store: {store.uri_root()}")
     return lines

@@ -82,14 +82,20 @@ def run_flower(port: int = 5555, settings: FarmSettings | None = None, *, addres
     os.execve(command[0], command, env)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m farm.flower [--port P] [--address A] [--no-auth]` (what docker-compose runs)."""
+def build_parser():
+    """The command line of `python -m farm.flower` (what docker-compose runs)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m farm.flower", description="Start Flower for this farm.")
     parser.add_argument("--port", type=int, default=5555)
     parser.add_argument("--address", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
     parser.add_argument("--no-auth", action="store_true", help="run without basic auth (behind your own proxy)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m farm.flower [--port P] [--address A] [--no-auth]`."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         run_flower(args.port, address=args.address, no_auth=args.no_auth)

@@ -42,12 +42,10 @@ def job_view(job: Job, adapter: Adapter | None = None) -> JobPublic:
 
 
 def adapter_view(adapter: Adapter, store_uri: str, parent: Adapter | None = None) -> AdapterPublic:
-    view = AdapterPublic.model_validate(adapter, from_attributes=True).model_copy(update={
-        "uri": store_uri,
-        "files": [AdapterFilePublic.model_validate(f) for f in adapter.files],
-        "parent": f"{parent.name}:{parent.version}" if parent else None,
-    })
-    return view
+    fields = {name: getattr(adapter, name) for name in AdapterPublic.model_fields
+              if name not in ("uri", "files", "parent")}
+    return AdapterPublic(**fields, uri=store_uri, files=[AdapterFilePublic.model_validate(f) for f in adapter.files],
+                         parent=f"{parent.name}:{parent.version}" if parent else None)
 
 
 def parse_adapter_ref(ref: str) -> tuple[str, int | None]:
@@ -263,12 +261,16 @@ def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
 
 # ---------------------------------------------------------------- adapters
 
+def _prefix_uri(store, prefix: str) -> str:
+    return store.uri(prefix.rstrip("/")) + "/"
+
+
 def list_adapters(name: str | None = None, *, settings: FarmSettings | None = None) -> list[AdapterPublic]:
     """Published adapter versions, newest version first per name."""
     settings = settings or get_settings()
     store = _store(settings)
     with session_scope(settings.database_url) as session:
-        return [adapter_view(a, store.uri(a.prefix)) for a in repo.list_adapters(session, name)]
+        return [adapter_view(a, _prefix_uri(store, a.prefix)) for a in repo.list_adapters(session, name)]
 
 
 def get_adapter(ref: str, *, settings: FarmSettings | None = None, with_urls: bool = False,
@@ -280,7 +282,7 @@ def get_adapter(ref: str, *, settings: FarmSettings | None = None, with_urls: bo
     with session_scope(settings.database_url) as session:
         adapter = repo.get_adapter(session, name, version)
         parent = session.get(Adapter, adapter.parent_adapter_id) if adapter.parent_adapter_id else None
-        view = adapter_view(adapter, store.uri(adapter.prefix), parent)
+        view = adapter_view(adapter, _prefix_uri(store, adapter.prefix), parent)
     if with_urls:
         for f in view.files:
             f.url = store.presigned_url(adapter.prefix + f.path, url_expires_s)

@@ -228,7 +228,8 @@ def test_resumed_run_matches_the_uninterrupted_one(checkpointed_run, tiny_model_
     assert losses(events) == pytest.approx(losses(ref_events)[at_step:], rel=1e-6, abs=1e-7)
     ref_evals = [(e["step"], e["eval_loss"]) for e in of_type(ref_events, "eval") if e["step"] > at_step]
     got_evals = [(e["step"], e["eval_loss"]) for e in of_type(events, "eval")]
-    assert got_evals == pytest.approx(ref_evals, rel=1e-6)
+    assert [s for s, _ in got_evals] == [s for s, _ in ref_evals]
+    assert [v for _, v in got_evals] == pytest.approx([v for _, v in ref_evals], rel=1e-6)
     ref_weights = load_file(str(Path(ref_job["output_dir"]) / "adapter_model.safetensors"))
     weights = load_file(str(Path(job["output_dir"]) / "adapter_model.safetensors"))
     assert ref_weights.keys() == weights.keys()
@@ -312,7 +313,7 @@ def test_continuing_an_adapter_that_trains_base_modules_is_refused(tiny_model_di
                                     task_type="CAUSAL_LM")).save_pretrained(parent)
     job = make_job(tmp_path, tiny_model_dir, write_dataset(tmp_path / "chat.jsonl", "chat", n=8), max_steps=1)
     job["continue_from"] = str(parent)
-    with pytest.raises(IntegrityError, match=r"would be trained: .*lm_head.*remove modules_to_save|modules_to_save"):
+    with pytest.raises(IntegrityError, match=r"would be trained: .*lm_head.*make sure it has no modules_to_save"):
         run(job)
     assert not (tmp_path / "output" / "adapter_model.safetensors").exists()
 
@@ -383,7 +384,10 @@ def test_runner_turns_errors_into_error_events(tiny_model_dir, tmp_path, capsys)
     job_file.write_text(json.dumps(make_job(tmp_path, model, write_dataset(tmp_path / "ok.jsonl", "chat", n=4))))
     assert main([str(job_file)]) == 1
     event = parse_line(capsys.readouterr().out.strip().splitlines()[-1])
-    assert event["code"] == "runner_crashed" and "Traceback" in event["message"] or "Error" in event["message"]
+    assert event["code"] == "runner_crashed"
+    assert "Traceback" not in event["message"].splitlines()[0] or len(event["message"].splitlines()) > 1
+    assert "Error" in event["message"].splitlines()[-1]
+    print(event["message"])
 
     assert main([str(tmp_path / "missing.json")]) == 1
     event = parse_line(capsys.readouterr().out.strip().splitlines()[-1])

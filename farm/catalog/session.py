@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,8 +21,27 @@ def _sqlite_pragmas(dbapi_conn, _record):
     cur.close()
 
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child (Celery prefork) must not reuse the parent's pooled connections: drop them without closing.
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def get_engine(url: str) -> Engine:
+    """An engine for this URL, one per process (pools are reset in forked children)."""
+    engine = _engines.get(url)
+    if engine is None:
+        engine = _engines[url] = _create_engine(url)
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     """An engine for this URL; SQLite gets WAL and a busy timeout so workers and producers can share it."""
     if url.startswith("sqlite"):
         # make_url, not string splitting: "sqlite://" (in memory) has no path and "?mode=ro" is not part of one.

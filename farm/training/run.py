@@ -64,7 +64,7 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     from farm.training.data import prepare_data
     from farm.training.environment import environment
     from farm.training.loop import EpochPlan, LoopConfig, TrainState, total_steps, train
-    from farm.training.model import build_model, load_tokenizer, training_device
+    from farm.training.model import build_model, check_model_config, load_tokenizer, training_device
     from farm.training.packing import to_rows
 
     clock = _Clock()
@@ -75,6 +75,7 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     base_dir = Path(job["base_model"])
     if not base_dir.is_dir():
         raise ModelError(f"{base_dir}: base model folder not found (job base_model)", field="base_model")
+    check_model_config(base_dir)
     output_dir, checkpoint_dir = Path(job["output_dir"]), Path(job["checkpoint_dir"])
 
     t = time.perf_counter()
