@@ -63,6 +63,7 @@ def build_metadata(*, name: str, version: int, job: dict, spec: dict, done: dict
         meta["source_model"] = {"ref": spec.get("finetuned_model"),
                                 "sha256": prov.pop("source_model_sha256", None),
                                 "files": prov.pop("source_model_files", None)}
+    meta["lineage"].update(prov.pop("lineage", None) or {})
     meta.update(prov)  # timings, integrity, anything else the runner measured
     return meta
 

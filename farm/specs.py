@@ -284,25 +284,31 @@ def load_spec(path: str | Path) -> TrainSpec | ExtractSpec:
     return resolve_local_paths(spec, path.parent)
 
 
-def _is_local(ref: str) -> bool:
-    return "://" not in ref and (ref.startswith((".", "/", "~")) or Path(ref).exists())
+def _is_local(ref: str, base_dir: Path, *, hub_ids: bool) -> bool:
+    """A local path, not a store reference, URL or (for models) a hub id like `org/name`."""
+    if "://" in ref or ref.startswith("store:"):
+        return False
+    if not hub_ids or ref.startswith((".", "/", "~")):
+        return True
+    return (base_dir / ref).exists()
 
 
 def resolve_local_paths(spec, base_dir: Path):
     """Make relative local paths in a spec absolute (relative to the spec file's folder)."""
 
-    def fix(ref: str | None) -> str | None:
-        if ref is None or not _is_local(ref):
+    def fix(ref: str | None, hub_ids: bool = False) -> str | None:
+        if ref is None or not _is_local(ref, base_dir, hub_ids=hub_ids):
             return ref
         p = Path(ref).expanduser()
         if not p.is_absolute():
-            p = (base_dir / p)
+            p = base_dir / p
         return str(p.resolve())
 
     if isinstance(spec, TrainSpec):
         ds = spec.dataset.model_copy(update={"path": fix(spec.dataset.path), "eval_path": fix(spec.dataset.eval_path)})
-        return spec.model_copy(update={"base_model": fix(spec.base_model), "dataset": ds})
-    return spec.model_copy(update={"base_model": fix(spec.base_model), "finetuned_model": fix(spec.finetuned_model)})
+        return spec.model_copy(update={"base_model": fix(spec.base_model, True), "dataset": ds})
+    return spec.model_copy(update={"base_model": fix(spec.base_model, True),
+                                   "finetuned_model": fix(spec.finetuned_model, True)})
 
 
 def spec_to_dict(spec) -> dict:

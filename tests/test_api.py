@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
@@ -112,6 +113,15 @@ def test_openapi_documents_the_spec_body(client):
         "$ref": "#/components/schemas/ErrorBody"}
 
 
+def test_the_api_and_the_remote_client_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, api.app, farm.client_http, farm.flower; api.app.create_app(); "
+            "sys.exit(3 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+
+
 # ------------------------------------------------------------------ jobs
 
 
@@ -148,7 +158,8 @@ def test_submit_list_get_cancel_on_both_catalogs(pg_client, tmp_path, redis_url)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     again = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert again.status_code == 409
-    assert again.json() == {"code": "invalid_state", "message": f"job {job['id']} is already cancelled; nothing to cancel"}
+    assert again.json() == {"code": "invalid_state",
+                            "message": f"job {job['id']} is already cancelled; nothing to cancel"}
     assert [j["state"] for j in client.get("/v1/jobs", params={"state": "cancelled"}).json()] == ["cancelled"]
 
     missing = client.get("/v1/jobs/ffffffffffff")
@@ -185,8 +196,9 @@ def test_bad_specs_are_422_with_the_services_message_and_nothing_is_recorded(cli
         "too many devices": train_spec(dataset_ref, resources={"gpus": 4}, deepspeed={"stage": 2}),
         "no kind": {"name": "bot"},
     }
-    expected_codes = {"unknown key": "invalid_spec", "bad value": "invalid_spec", "bad dataset lines": "invalid_dataset",
-                      "unknown store dataset": "invalid_dataset", "missing base model": "invalid_model",
+    expected_codes = {"unknown key": "invalid_spec", "bad value": "invalid_spec",
+                      "bad dataset lines": "invalid_dataset", "unknown store dataset": "invalid_dataset",
+                      "missing base model": "invalid_model",
                       "too many devices": "unschedulable", "no kind": "invalid_spec"}
     for label, spec in bad_specs.items():
         response = client.post("/v1/jobs", json=spec)
@@ -198,7 +210,8 @@ def test_bad_specs_are_422_with_the_services_message_and_nothing_is_recorded(cli
 
     assert "lorra: unknown key" in client.post("/v1/jobs", json=bad_specs["unknown key"]).json()["message"]
     lines = client.post("/v1/jobs", json=bad_specs["bad dataset lines"]).json()
-    assert f"{bad_lines}:2: no assistant message" in lines["message"] and f"{bad_lines}:3: not valid JSON" in lines["message"]
+    assert f"{bad_lines}:2: no assistant message" in lines["message"]
+    assert f"{bad_lines}:3: not valid JSON" in lines["message"]
     assert lines["field"] == "dataset.path"
     assert "FARM_MAX_GROUP_SIZE" in client.post("/v1/jobs", json=bad_specs["too many devices"]).json()["message"]
 
@@ -386,7 +399,8 @@ def test_metrics_parse_and_count_jobs_queues_durations_adapters(client, settings
     labels = (("kind", "train"), ("state", "succeeded"))
     assert samples[("farm_job_duration_seconds_count", labels)] == 1
     for le in ("86400.0", "+Inf"):
-        assert samples[("farm_job_duration_seconds_bucket", (("kind", "train"), ("le", le), ("state", "succeeded")))] == 1
+        bucket = ("farm_job_duration_seconds_bucket", (("kind", "train"), ("le", le), ("state", "succeeded")))
+        assert samples[bucket] == 1
 
     broker_down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     down = TestClient(create_app(broker_down), headers=ALICE).get("/metrics")

@@ -105,9 +105,14 @@ def stop_api_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    import redis
+
+    broker = redis.Redis.from_url(f"redis://127.0.0.1:6379/{HTTP_REDIS_DB}")
+    broker.flushdb()  # the doorbells these tests ring are never answered: leave none behind
     srv = start_api_server(tmp_path_factory.mktemp("api-file"))
     yield srv
     stop_api_server(srv.proc)
+    broker.flushdb()
 
 
 @pytest.fixture
@@ -171,7 +176,8 @@ def test_submit_uploads_local_datasets_then_get_list_events_cancel(server, clien
     sha = hashlib.sha256(train.read_bytes()).hexdigest()
     assert job.state == "queued" and job.submitted_by == "alice"
     assert job.spec["dataset"]["path"] == f"store:datasets/{sha}.jsonl"
-    assert job.spec["dataset"]["eval_path"] == f"store:datasets/{hashlib.sha256(held_out.read_bytes()).hexdigest()}.jsonl"
+    eval_sha = hashlib.sha256(held_out.read_bytes()).hexdigest()
+    assert job.spec["dataset"]["eval_path"] == f"store:datasets/{eval_sha}.jsonl"
     store = open_store(server.settings.store_url, server.settings)
     assert store.get_bytes(f"datasets/{sha}.jsonl") == train.read_bytes()
 
@@ -270,7 +276,8 @@ def test_pull_over_presigned_urls_from_an_s3_store(tmp_path, s3_store_url):
 
 
 def test_get_client_picks_http_when_an_api_url_is_set(server):
-    chosen = get_client(server.settings.model_copy(update={"api_url": server.url, "api_token": SecretStr(TOKENS["bob"])}))
+    remote = {"api_url": server.url, "api_token": SecretStr(TOKENS["bob"])}
+    chosen = get_client(server.settings.model_copy(update=remote))
     assert isinstance(chosen, HttpClient)
     assert isinstance(get_client(server.settings.model_copy(update={"api_url": None})), LocalClient)
 

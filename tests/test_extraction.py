@@ -67,11 +67,14 @@ def spec_for(base: Path, ft: Path, **kw) -> ExtractSpec:
 
 def load_checked(base_dir: Path, adapter_dir: Path) -> PeftModel:
     """Stock PeftModel.from_pretrained, then proof that the file holds exactly the keys peft wants."""
+    # peft 0.21 warns that lora_B.bias is "1-D, maybe unsharded" (a false alarm for lora_bias) and that layers
+    # without a base bias cannot be merged (the extraction notes that itself)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+        wanted = get_peft_model_state_dict(model)
     saved = load_file(adapter_dir / "adapter_model.safetensors")
-    assert set(saved) == set(get_peft_model_state_dict(model))
+    assert set(saved) == set(wanted)
     result = set_peft_model_state_dict(model, saved)  # loading again gives the raw load result
     assert result.unexpected_keys == []
     assert [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k] == []
@@ -261,7 +264,7 @@ def test_targets_limit_extraction_and_report_the_rest(tmp_path):
 
 def test_identical_models_have_nothing_to_extract(tmp_path):
     base, ft, _ = make_pair(tmp_path, tiny_config(layers=1), lambda model: None)
-    with pytest.raises(ModelError, match="equals the base model on every targeted layer: nothing to extract"):
+    with pytest.raises(ModelError, match="equals the base model .* on every targeted layer: nothing to extract"):
         extract_adapter(spec_for(base, ft), base, ft, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

@@ -31,7 +31,7 @@ def test_killed_worker_job_resumes_from_checkpoint_and_publishes_once(farm_stack
 
     settings = farm_stack.settings
     data = write_dataset(tmp_path / "chat.jsonl", "chat", n=64, seed=3)
-    spec = dict(max_steps=12, checkpoint_every=4, lr_scheduler="linear", warmup_steps=2)
+    spec = dict(max_steps=32, checkpoint_every=4, lr_scheduler="linear", warmup_steps=2)
 
     first = farm_stack.start_worker(name="doomed")
     reference = service.submit_job(write_spec(tmp_path / "ref.yaml", tiny_model_dir, data, **spec), settings=settings)
@@ -73,7 +73,8 @@ def test_killed_worker_job_resumes_from_checkpoint_and_publishes_once(farm_stack
     adapters = service.list_adapters("e2e-resumed", settings=settings)
     assert [a.version for a in adapters] == [1]
     meta = adapters[0].provenance
-    assert meta["lineage"]["resumed_from_step"] in (4, 8) and meta["lineage"]["attempt"] == 2
+    resumed = meta["lineage"]["resumed_from_step"]
+    assert 4 <= resumed < 32 and resumed % 4 == 0 and meta["lineage"]["attempt"] == 2
     ref_loss = service.get_adapter("e2e-bot", settings=settings).metrics["final_loss"]
     assert adapters[0].metrics["final_loss"] == pytest.approx(ref_loss, rel=1e-3, abs=1e-4)
 

@@ -113,3 +113,12 @@ def test_queues_follow_resources():
     assert queue_for(parse_spec(with_(GOOD, "resources", {"gpus": 1}))) == "farm.gpu.1"
     assert queue_for(parse_spec(with_(with_(GOOD, "resources", {"gpus": 4}), "deepspeed", {"stage": 2}))) == "farm.gpu.4"
     assert queue_for(parse_spec(with_(with_(GOOD, "resources", {"cpu_slots": 2}), "deepspeed", {}))) == "farm.cpu.2"
+
+
+def test_dataset_paths_without_dot_resolve_against_the_spec_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "job.yaml").write_text("kind: train\nname: x\nbase_model: models/m\ndataset: {path: data/t.jsonl}\n")
+    spec = load_spec(tmp_path / "job.yaml")
+    assert spec.dataset.path == str(tmp_path / "data" / "t.jsonl")
+    assert spec.base_model == str(tmp_path / "models" / "m")

@@ -387,7 +387,6 @@ def test_runner_turns_errors_into_error_events(tiny_model_dir, tmp_path, capsys)
     assert event["code"] == "runner_crashed"
     assert "Traceback" not in event["message"].splitlines()[0] or len(event["message"].splitlines()) > 1
     assert "Error" in event["message"].splitlines()[-1]
-    print(event["message"])
 
     assert main([str(tmp_path / "missing.json")]) == 1
     event = parse_line(capsys.readouterr().out.strip().splitlines()[-1])

@@ -79,6 +79,7 @@ class JobRun:
         self.lost = False
         self.log_tail: deque[str] = deque(maxlen=40)
         self._db_lock = threading.Lock()
+        self.stop_requested = threading.Event()  # set by the pool process's SIGTERM handler
 
     # ------------------------------------------------------------ catalog helpers (fenced by the claim)
 
@@ -115,6 +116,9 @@ class JobRun:
         if reason == "cancelled":
             self._write(repo.mark_cancelled)
             return "cancelled"
+        if reason == "worker_stopping":  # the worker is shutting down: hand the job back, it resumes elsewhere
+            return self._finish_failed("worker_stopped", "the worker was stopped; the job resumes from its last "
+                                                         "checkpoint on another worker", retry=True)
         if reason == "timeout":
             return self._finish_failed("timeout", f"killed after resources.timeout_minutes="
                                                   f"{spec['resources'].get('timeout_minutes')}", retry=False)
@@ -191,16 +195,25 @@ class JobRun:
         timeout_min = spec.get("resources", {}).get("timeout_minutes")
         deadline = time.monotonic() + timeout_min * 60 if timeout_min else None
         reason = None
+        next_beat = time.monotonic() + self.settings.heartbeat_seconds
         try:
-            while proc.poll() is None:
+            while True:
                 try:
-                    proc.wait(timeout=self.settings.heartbeat_seconds)
+                    proc.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
                     pass
+                if self.stop_requested.is_set():
+                    reason = "worker_stopping"
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     reason = "timeout"
                     break
+                if self.lost:
+                    break
+                if time.monotonic() < next_beat:
+                    continue
+                next_beat = time.monotonic() + self.settings.heartbeat_seconds
                 try:
                     if self._write(repo.renew_lease, self.settings.lease_seconds) == CANCELLING:
                         reason = "cancelled"
@@ -210,8 +223,6 @@ class JobRun:
                     break
                 except Exception as exc:  # the catalog blinked; the lease has slack for a few misses
                     log.warning("heartbeat failed: %s", exc)
-                if self.lost:
-                    break
         finally:
             if proc.poll() is None:
                 kill_group(proc)

@@ -7,7 +7,9 @@ import os
 import socket
 import threading
 
-from celery.signals import worker_ready, worker_shutting_down
+import signal
+
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from farm.catalog import repository as repo
 from farm.catalog.session import session_scope
@@ -38,9 +40,30 @@ def run_job(self, job_id: str) -> dict:
     def relay(progress: dict) -> None:
         self.send_event(PROGRESS_EVENT, job_id=job_id, attempt=claim.attempt, **progress)
 
-    state = JobRun(claim, settings, on_progress=relay).run()
+    global _current_run
+    _current_run = JobRun(claim, settings, on_progress=relay)
+    try:
+        state = _current_run.run()
+    finally:
+        _current_run = None
     log.info("job %s attempt %d ended %s", job_id, claim.attempt, state)
     return {"job_id": job_id, "attempt": claim.attempt, "state": state}
+
+
+_current_run = None
+
+
+def _stop_current_run(signum, frame):
+    """SIGTERM in a pool process (the supervisor stops its workers): stop the runner's group, hand the job back."""
+    run = _current_run
+    if run is None:
+        raise SystemExit(0)
+    run.stop_requested.set()
+
+
+@worker_process_init.connect
+def _install_sigterm_handler(**_):
+    signal.signal(signal.SIGTERM, _stop_current_run)
 
 
 def _reaper_loop(stop: threading.Event) -> None:

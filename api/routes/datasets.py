@@ -31,7 +31,8 @@ _UPLOAD_DOC = {
 
 
 @router.post("", status_code=201, openapi_extra=_UPLOAD_DOC,
-             responses={422: {"model": ErrorBody, "description": "A line does not parse or lacks its format's fields; nothing stored."}})
+             responses={422: {"model": ErrorBody,
+                              "description": "A line does not parse or lacks its format's fields; nothing stored."}})
 async def upload_dataset(
     request: Request,
     settings: SettingsDep,
@@ -40,9 +41,11 @@ async def upload_dataset(
 ) -> DatasetPublic:
     """Store a dataset for remote jobs: every line is checked exactly as `farm submit` checks a local file, and
     the file is kept as datasets/<sha256>.jsonl. Use the returned `uri` as dataset.path (or eval_path)."""
-    with tempfile.TemporaryDirectory(prefix="farm-upload-") as tmp:
+    # Streamed to disk under the scratch folder (FARM_WORK_DIR): a dataset may be larger than memory or /tmp.
+    scratch = Path(settings.work_dir).expanduser() / "uploads"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="farm-upload-", dir=scratch) as tmp:
         path = Path(tmp) / "upload.jsonl"
-        # Streamed to disk: a dataset may be larger than memory.
         with open(path, "wb") as fh:
             async for chunk in request.stream():
                 fh.write(chunk)

@@ -179,11 +179,12 @@ def reap() -> None:
 
 @app.command()
 def flower(port: int = typer.Option(5555, help="Port to serve Flower on."),
+           host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 in a container)."),
            no_auth: bool = typer.Option(False, "--no-auth", help="Run without basic auth (local use only).")) -> None:
     """Start Flower on the farm's broker (basic auth from FARM_FLOWER_BASIC_AUTH)."""
     from farm.flower import run_flower
 
-    run_flower(port=port, settings=get_settings(), no_auth=no_auth)
+    run_flower(port=port, settings=get_settings(), address=host, no_auth=no_auth)
 
 
 @app.command()

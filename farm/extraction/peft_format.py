@@ -66,16 +66,28 @@ def expected_keys(base_dir: Path, lora_config) -> dict[str, tuple[int, ...]]:
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(base_dir))
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        model_cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = model_cls(config) if model_cls is not None else transformers.AutoModel.from_config(config)
-            peft_model = get_peft_model(model, copy.deepcopy(lora_config))
-            state = get_peft_model_state_dict(peft_model)
-    except Exception as exc:  # any failure here means: this architecture cannot be checked on this worker
+    except Exception as exc:  # noqa: BLE001 - any failure means: this config cannot be built here
+        raise ModelError(f"{base_dir}: transformers cannot read config.json to check the adapter's keys "
+                         f"({type(exc).__name__}: {exc})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    # The class config.json names; without one, the causal LM (whose names match most checkpoints), then the bare
+    # model. The first whose module names the adapter targets wins.
+    builders = [lambda: getattr(transformers, arch)(config)] if arch and hasattr(transformers, arch) else []
+    builders += [lambda: transformers.AutoModelForCausalLM.from_config(config),
+                 lambda: transformers.AutoModel.from_config(config)]
+    failures = []
+    for build in builders:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peft_model = get_peft_model(build(), copy.deepcopy(lora_config))
+                state = get_peft_model_state_dict(peft_model)
+            break
+        except Exception as exc:  # noqa: BLE001 - try the next class; all failures are reported together
+            failures.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+    else:
         raise ModelError(f"{base_dir}: cannot build the architecture on the meta device to check the adapter's "
-                         f"keys ({type(exc).__name__}: {exc})") from None
+                         f"keys ({'; '.join(failures)})")
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
