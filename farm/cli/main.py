@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from farm.cli import render
 from farm.errors import FarmError, JobFailed
 from farm.settings import get_settings
@@ -221,7 +223,7 @@ def main() -> None:
     try:
         app()
     except FarmError as exc:
-        render.err_console.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False, markup=True)
+        render.err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(2 if exc.code in ("invalid_spec", "invalid_dataset", "invalid_model", "unschedulable") else 1)
 
 
