@@ -112,3 +112,35 @@ def test_cancel_running_job_kills_its_runner(farm_stack, tiny_model_dir, tmp_pat
     runners = [p for p in psutil.process_iter(["cmdline"]) if "workers.runner" in " ".join(p.info["cmdline"] or [])
                and str(farm_stack.root) in " ".join(p.info["cmdline"] or [])]
     assert runners == []
+
+
+def test_production_shape_postgres_catalog_and_s3_store(tmp_path, tiny_model_dir, pg_fresh_url, s3_store_url):
+    """The same job with the production parts: PostgreSQL catalog and an S3 store over HTTP, worker in its own
+    process reading both from its environment."""
+    from farm.tiny import write_dataset
+    from tests.fixtures.farm import make_stack
+
+    s3_env = {k: v for k, v in s3_store_url.env.items()}
+    stack = make_stack(tmp_path / "farm", database_url=pg_fresh_url, store_settings=s3_env)
+    try:
+        settings = stack.settings
+        assert settings.store_url.startswith("s3://") and settings.database_url.startswith("postgresql")
+        data = write_dataset(tmp_path / "chat.jsonl", "chat", n=24, seed=2)
+        stack.start_worker()
+        job = service.submit_job(write_spec(tmp_path / "job.yaml", tiny_model_dir, data, max_steps=4),
+                                 settings=settings)
+        final = service.wait_for_job(job.id, timeout=600, settings=settings)
+        assert final.state == "succeeded", (final.error, stack.worker_logs())
+        adapter = service.get_adapter(final.adapter, settings=settings, with_urls=True)
+        assert adapter.uri.startswith("s3://") and all(f.etag for f in adapter.files)
+        import hashlib
+
+        import httpx
+
+        for f in adapter.files:
+            body = httpx.get(f.url, timeout=30).content
+            assert hashlib.sha256(body).hexdigest() == f.sha256, f.path
+        service.pull_adapter(final.adapter, tmp_path / "pulled", settings=settings)
+        assert (tmp_path / "pulled" / "adapter_model.safetensors").exists()
+    finally:
+        stack.stop()

@@ -85,12 +85,9 @@ class LowRank:
         return max(0.0, 1.0 - self.error**2 / self.total_energy)
 
 
-def frobenius_sq(x: torch.Tensor, rows: int = 1024) -> float:
-    """||x||_F² accumulated in float64, a block of rows at a time (no float64 copy of the whole matrix)."""
-    total = 0.0
-    for block in x.split(rows):
-        total += float(torch.sum(block.double() ** 2))
-    return total
+def frobenius_sq(x: torch.Tensor) -> float:
+    """||x||_F² accumulated in float64 (the reduction upcasts on the fly: no float64 copy of the matrix)."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 
 
 def energy_rank(cumulative: torch.Tensor, total: float, energy: float, max_rank: int) -> int:
@@ -165,7 +162,9 @@ def _measure(x: torch.Tensor, q: torch.Tensor, generator: torch.Generator, top_b
     c2 = float(torch.linalg.matrix_norm(c.double(), ord=2)) ** 2 if c.numel() else 0.0
     gamma = min(residual_norm_bound(residual, generator), residual_sq)
     del residual, c
-    u, s, vh = torch.linalg.svd(small.double(), full_matrices=False)
+    # the SVD of the tall transpose: LAPACK is far slower on the wide k × n matrix itself
+    p, s, qh = torch.linalg.svd(small.double().T, full_matrices=False)
+    u, vh = qh.T, p.T
     theta = s**2
     excess = torch.full_like(theta, gamma)
     gap = theta - gamma
