@@ -39,6 +39,9 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0
+    """Where the tensor's bytes start in the file (after the 8-byte length and the header)."""
+    nbytes: int = 0
 
     @property
     def numel(self) -> int:
@@ -116,9 +119,8 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of one safetensors file (tensor name -> {dtype, shape, data_offsets}, plus __metadata__)."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(header, offset of the data section) of one safetensors file."""
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -136,21 +138,31 @@ def read_safetensors_header(path: Path) -> dict:
         raise ModelError(f"{path}: corrupt safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: corrupt safetensors header: not a JSON object")
-    return header
+    return header, 8 + length
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of one safetensors file (tensor name -> {dtype, shape, data_offsets}, plus __metadata__)."""
+    return _read_header(Path(path))[0]
 
 
 def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the model (name -> dtype, shape, file), from the safetensors headers only."""
+    """Every tensor of the model (name -> dtype, shape, file, byte range), from the safetensors headers only."""
     index: dict[str, TensorInfo] = {}
     for path in weight_files(model_dir):
-        for name, entry in read_safetensors_header(path).items():
+        header, data_start = _read_header(path)
+        size = path.stat().st_size
+        for name, entry in header.items():
             if name == "__metadata__":
                 continue
             try:
+                begin, end = (int(o) for o in entry["data_offsets"])
                 info = TensorInfo(name=name, dtype=str(entry["dtype"]), shape=tuple(int(d) for d in entry["shape"]),
-                                  file=path)
+                                  file=path, offset=data_start + begin, nbytes=end - begin)
             except (KeyError, TypeError, ValueError):
                 raise ModelError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+            if begin < 0 or end < begin or data_start + end > size:
+                raise ModelError(f"{path}: tensor {name} lies outside the file (truncated download?)")
             if name in index:
                 raise ModelError(f"{model_dir}: tensor {name} is stored twice ({index[name].file.name} and "
                                  f"{path.name})")

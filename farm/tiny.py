@@ -160,7 +160,8 @@ def _alpaca_row(rng: random.Random) -> dict:
     if rng.random() < 0.5:
         return {"instruction": "Repeat the word three times.", "input": word, "output": f"{word} {word} {word}"}
     i = rng.randrange(len(ANIMALS))
-    return {"instruction": f"What color is the {ANIMALS[i]}?", "input": "", "output": f"The {ANIMALS[i]} is {COLORS[i]}."}
+    return {"instruction": f"What color is the {ANIMALS[i]}?", "input": "",
+            "output": f"The {ANIMALS[i]} is {COLORS[i]}."}
 
 
 def _completion_row(rng: random.Random) -> dict:

@@ -29,6 +29,16 @@ from farm.specs import ExtractSpec
 VOCAB = 128
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, OpenMP threads that wait for each other in every small
+    factorization op can make these tests ten times slower; results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(hidden=64, inter=176, layers=2, **kw) -> LlamaConfig:
     return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=VOCAB, **kw)
@@ -246,6 +256,33 @@ def test_changed_bias_embeddings_head_and_norm(tmp_path, tied):
 
     model = load_checked(base, out)
     assert torch.allclose(logits(model), logits(ft_model), atol=1e-4)
+
+
+def test_bf16_sharded_fine_tuned_model(tmp_path):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    ft = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    ft.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for k, layer in enumerate(ft.model.layers):
+            layer.mlp.up_proj.weight += low_rank(layer.mlp.up_proj.weight.shape, 4, 0.3, seed=k).to(torch.bfloat16)
+    ft.save_pretrained(tmp_path / "ft", max_shard_size="60KB")
+    assert len(list((tmp_path / "ft").glob("*.safetensors"))) > 1
+
+    result = extract_adapter(spec_for(tmp_path / "base", tmp_path / "ft", rank=8), tmp_path / "base",
+                             tmp_path / "ft", tmp_path / "adapter")
+    assert [r.module for r in result.extracted] == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+
+    model = load_checked(tmp_path / "base", tmp_path / "adapter")
+    ft = ft.float().eval()
+    with model.disable_adapter():
+        before = (logits(model.float()) - logits(ft)).norm()
+    after = (logits(model.float()) - logits(ft)).norm()
+    assert after < 0.05 * before  # bf16 round-off is a flat noise tail a rank-8 adapter leaves out
 
 
 def test_targets_limit_extraction_and_report_the_rest(tmp_path):

@@ -210,3 +210,20 @@ def test_check_same_architecture(tmp_path, model):
     with pytest.raises(ModelError, match=r"tensor model\.layers\.2\..* is in the fine-tuned model .* but not in "
                                          r"the base model .*\(and 7 more\)"):
         model_files.check_same_architecture(model, deeper)
+
+
+def test_tensor_byte_ranges_point_at_the_data(tmp_path):
+    tensors = llama_tensors()
+    model = write_model(tmp_path / "m", tensors=tensors, shards=2)
+    for name, info in model_files.read_tensor_index(model).items():
+        with info.file.open("rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.nbytes)
+        assert data == tensors[name].tobytes(), name
+
+
+def test_truncated_shard_is_reported(model):
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelError, match=r"model\.safetensors: tensor .* lies outside the file \(truncated download"):
+        model_files.read_tensor_index(model)

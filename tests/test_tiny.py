@@ -11,6 +11,8 @@ from farm.tiny import build_tiny_model, dataset_rows, write_dataset
 
 FORMATS = ["chat", "alpaca", "completion", "text"]
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def test_tiny_model_loads_like_a_hub_model(tiny_model_dir):
     import torch

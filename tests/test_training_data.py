@@ -12,6 +12,8 @@ from farm.training.data import IGNORE_INDEX, DataStats, Example, prepare_data, r
     tokenize_rows
 from farm.training.packing import collate, pack_examples, to_rows
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
@@ -87,7 +89,8 @@ def test_chat_without_template_uses_the_default_format(plain_tokenizer):
 def test_alpaca_trains_on_the_output(tokenizer):
     ex = tokenize_row({"instruction": "Repeat the word.", "input": "fox", "output": "fox fox fox"}, "alpaca", tokenizer)
     assert trained_text(ex, tokenizer) == "fox fox fox</s>"
-    assert untrained_text(ex, tokenizer) == "<s>### Instruction:\nRepeat the word.\n\n### Input:\nfox\n\n### Response:\n"
+    prompt = "<s>### Instruction:\nRepeat the word.\n\n### Input:\nfox\n\n### Response:\n"
+    assert untrained_text(ex, tokenizer) == prompt
     no_input = tokenize_row({"instruction": "Say hi.", "output": "hi"}, "alpaca", tokenizer)
     assert "### Input" not in untrained_text(no_input, tokenizer)
 

@@ -20,6 +20,8 @@ from farm.training.run import run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def make_job(root: Path, model_dir: Path, data: Path, *, dataset: dict | None = None, quantization: dict | None = None,
              lora: dict | None = None, **training) -> dict:
@@ -110,7 +112,8 @@ def test_adapter_loads_with_stock_peft_and_changes_the_output(qlora_run):
 
     job, events = qlora_run
     out = Path(job["output_dir"])
-    assert {"adapter_config.json", "adapter_model.safetensors", "training_metrics.json"} <= {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_metrics.json"} <= names
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 16, "LORA")
     ids = torch.tensor([[1, 4, 204, 298, 296, 267, 268, 327]])
@@ -143,7 +146,9 @@ def test_continue_from_starts_at_the_parent_adapter(qlora_run, tiny_model_dir, t
     job["continue_from"] = parent_job["output_dir"]
     events = run(job)
     assert losses(events)[0] < fresh_first - 1.0
-    assert of_type(events, "done")[0]["provenance"]["lineage"]["continue_from"] == parent_job["output_dir"]
+    parent_weights = Path(parent_job["output_dir"]) / "adapter_model.safetensors"
+    lineage = of_type(events, "done")[0]["provenance"]["lineage"]
+    assert lineage["parent_adapter_sha256"] == hashlib.sha256(parent_weights.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("quantization, training", [

@@ -88,7 +88,8 @@ def plan_extraction(base_dir: Path, target_modules: str | list[str],
     text_config = config.get("text_config") or {}
     tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", not head_saved)))
     return ExtractionPlan(layers=layers, untargeted=[m for m in linear if m not in selected],
-                          whole_modules=_whole_modules(index, set(linear)), input_embedding=_input_embedding(index, config),
+                          whole_modules=_whole_modules(index, set(linear)),
+                          input_embedding=_input_embedding(index, config),
                           tied_embeddings=tied, config=config)
 
 

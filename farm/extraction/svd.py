@@ -18,19 +18,19 @@ Why the bound is sound (notation: θ_i = squared singular values of Q^T·dW, des
    - Weyl (dW^T·dW = A1 + A2, A2 = R^T·R ⪯ τ²·I):        ``σ_i² − θ_i ≤ γ``;
    - Li & Li (2005) quadratic residual bound, when θ_i > γ (gap η_i = θ_i − γ):
      ``σ_i² − θ_i ≤ 2||C||² / (η_i + sqrt(η_i² + 4||C||²))``;
-   - Ky Fan on the sum (trace(A2) = ||R||_F²):          ``D ≤ ||R||_F²``.
-   - ordering: σ_i² ≤ σ_j² for j < i, and σ_i² ≤ ||dW||_2² ≤ γ_1 (needed when the spectrum is flat, where
-     neither of the above is tight);
-   so u_i = min(θ_i + Weyl_i, θ_i + LiLi_i, u_{i−1}, γ_1) bounds σ_i², and
+   - ordering: σ_i² ≤ σ_j² for j < i, and σ_i² ≤ ||dW||_2² ≤ γ_1 (needed when the top of the spectrum is flat,
+     where neither of the above is tight);
+   so u_i = min(θ_i + Weyl_i, θ_i + LiLi_i, u_{i−1}, γ_1) bounds σ_i², and, by Ky Fan (trace(A2) = ||R||_F²),
    D ≤ min(Σ_{i≤r} (u_i − θ_i), ||R||_F²). ||C||_2 is a k-column spectral norm: exact and cheap.
 4. γ ≥ τ² = ||R||_2² (and γ_1 ≥ ||dW||_2²) come from Dixon's lemma (HMT Lemma 4.1) applied to (R·R^T)^q·R with
    s fresh Gaussian probes: ``||R||^(2q+1) ≤ α·sqrt(2/π)·max_j ||(R·R^T)^q·R·ω_j||`` except with probability
-   α^-s (α = 4, s = 10: 1e-6). Power steps make the factor (α·sqrt(2/π))^(1/(2q+1)) close to 1. γ is also
-   capped by the deterministic ||R||_F².
+   α^-s (α = 2.41, s = 16: 8e-7). Power steps shrink the slack (α·sqrt(2/π)·max_j|g_j|)^(1/(2q+1)) towards 1.
+   γ is also capped by the deterministic ||R||_F².
 
-So the reported rho is an upper bound that holds with probability ≥ 1 − 2e-6 per layer (the only random steps
-are the probe draws in 4, independent of Q). When the bound exceeds the target (1.01), the subspace is widened and
-more power iterations are run, then checked again; after a few rounds the layer falls back to the exact SVD.
+The probes are drawn independently of Q, and the bound is evaluated at a few step counts q (2, 4, 8, 16): by
+the union bound the reported rho holds with probability ≥ 1 − 7e-6 per layer (4 checks for τ, 4 for ||dW||_2).
+When it exceeds the target (1.01), the probe steps are continued if a perfect γ would pass, otherwise the subspace
+is widened and power-iterated again; after a few rounds the layer falls back to the exact SVD.
 
 In energy mode the same per-index bounds bracket the cumulative energy Σ_{i≤j} σ_i², so the randomized method
 picks the rank the exact SVD would pick whenever the brackets agree, and tightens (or falls back) otherwise.
@@ -44,16 +44,23 @@ from dataclasses import dataclass
 import torch
 
 RHO_TARGET = 1.01
-# Dixon's lemma: the bound on ||R||_2 fails with probability ALPHA ** -PROBES (1e-6).
-DIXON_ALPHA = 4.0
-DIXON_PROBES = 10
-RESIDUAL_POWER_STEPS = 10
-# Range finder schedule: a round widens the sketch by the oversampling and runs POWER_STEP more power iterations.
-FIRST_POWER_ITERS = 2
+# Dixon's lemma: the bound on ||R||_2 fails with probability ALPHA ** -PROBES (8e-7). Many probes with a small
+# alpha cost about the same passes over the matrix as few probes with a large one, and give a tighter bound.
+DIXON_ALPHA = 2.41
+DIXON_PROBES = 16
+PROBE_STEPS = (2, 4, 8, 16)
+# Range finder: the first sketch gets FIRST_POWER_ITERS power iterations; each further round widens it by the
+# oversampling and runs POWER_STEP more.
+FIRST_POWER_ITERS = 3
 POWER_STEP = 2
-MAX_ROUNDS = 5
-# A relative error below this is float32 round-off: the factorization is exact and rho counts as 1.
-EXACT_RELATIVE_ERROR = 1e-6
+OVERSAMPLE_MIN = 8
+OVERSAMPLE_FRACTION = 0.5
+MAX_ROUNDS = 4
+# θ_r / θ_1 above this counts as a flat top of the spectrum (then a bound on ||dW||_2 is worth its passes).
+FLAT = 0.5
+# A relative error below this is float32 round-off (B·A alone rounds at ~1e-6): the factorization is exact and rho
+# counts as 1.
+EXACT_RELATIVE_ERROR = 1e-5
 
 
 @dataclass
@@ -64,7 +71,7 @@ class LowRank:
     A: torch.Tensor
     rank: int
     total_energy: float
-    """||dW||_F², accumulated in float64."""
+    """||dW||_F²."""
     error: float
     """||dW − B·A||_F."""
     rho: float
@@ -86,14 +93,13 @@ class LowRank:
 
 
 def frobenius_sq(x: torch.Tensor) -> float:
-    """||x||_F² accumulated in float64 (the reduction upcasts on the fly: no float64 copy of the matrix)."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    """||x||_F² (float32 cascade summation: relative error ~1e-7, the precision of the data and of any SVD of it)."""
+    return float(torch.linalg.vector_norm(x)) ** 2
 
 
 def energy_rank(cumulative: torch.Tensor, total: float, energy: float, max_rank: int) -> int:
     """Smallest r whose cumulative energy reaches `energy * total`, capped by max_rank (and the available length)."""
-    target = energy * total
-    reached = torch.nonzero(cumulative >= target)
+    reached = torch.nonzero(cumulative >= energy * total)
     r = int(reached[0]) + 1 if len(reached) else len(cumulative)
     return max(1, min(r, max_rank, len(cumulative)))
 
@@ -106,13 +112,17 @@ def _split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[
 def factor_exact(x: torch.Tensor, *, rank: int | None = None, energy: float | None = None, max_rank: int = 128,
                  total: float | None = None, method: str = "exact") -> LowRank:
     """Truncated SVD by torch.linalg.svd: optimal by definition."""
+    x = x.float()
     total = frobenius_sq(x) if total is None else total
-    u, s, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    if x.shape[0] < x.shape[1]:  # LAPACK is about twice as fast on the tall orientation
+        v, s, uh = torch.linalg.svd(x.T, full_matrices=False)
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
     s2 = s.double() ** 2
     r = min(rank, len(s)) if rank is not None else energy_rank(torch.cumsum(s2, 0), total, energy, max_rank)
     b, a = _split_factors(u[:, :r].double(), s[:r].double(), vh[:r].double())
-    tail = float(s2[r:].sum())
-    error = math.sqrt(tail)  # the factors are the optimum: their error is the tail
+    error = math.sqrt(float(s2[r:].sum()))  # the factors are the optimum: their error is the tail
     return LowRank(B=b, A=a, rank=r, total_energy=total, error=error, rho=1.0, method=method)
 
 
@@ -127,18 +137,50 @@ def _power(x: torch.Tensor, q: torch.Tensor, iters: int) -> torch.Tensor:
     return q
 
 
-def residual_norm_bound(r: torch.Tensor, generator: torch.Generator, steps: int = RESIDUAL_POWER_STEPS) -> float:
-    """A bound on ||r||_2² (r: the residual, or dW itself) that holds with probability 1 − DIXON_ALPHA**-DIXON_PROBES (Dixon's lemma, see above)."""
-    omega = torch.randn(r.shape[1], DIXON_PROBES, generator=generator, dtype=r.dtype)
-    v = r @ omega
-    log_norm = torch.zeros(DIXON_PROBES, dtype=torch.float64)
-    for _ in range(steps):
-        n = v.norm(dim=0).clamp_min(torch.finfo(r.dtype).tiny)
-        log_norm += n.double().log()
-        v = r @ (r.T @ (v / n))
-    log_norm += v.norm(dim=0).clamp_min(torch.finfo(r.dtype).tiny).double().log()
-    log_bound = (math.log(DIXON_ALPHA * math.sqrt(2 / math.pi)) + float(log_norm.max())) / (2 * steps + 1)
-    return math.exp(2 * log_bound)
+class _Operator:
+    """x, or the residual (I − QQ^T)·x without forming it (no m × n copy): products with a block of vectors."""
+
+    def __init__(self, x: torch.Tensor, q: torch.Tensor | None = None):
+        self.x, self.q = x, q
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        y = self.x @ v
+        return y if self.q is None else y - self.q @ (self.q.T @ y)
+
+    def rmatmul(self, w: torch.Tensor) -> torch.Tensor:
+        if self.q is not None:
+            w = w - self.q @ (self.q.T @ w)
+        return self.x.T @ w
+
+
+class SpectralNormBound:
+    """Probabilistic bounds on ||r||_2² by Dixon's lemma on (r·r^T)^q·r (see the module docstring, point 4).
+
+    `advance(q)` continues the same probes to q steps; `upper` then holds with probability 1 − α^-s, and `lower`
+    (the best Rayleigh quotient seen) is a certain lower bound.
+    """
+
+    def __init__(self, r: _Operator, generator: torch.Generator):
+        self.r = r
+        self.v = r @ torch.randn(r.x.shape[1], DIXON_PROBES, generator=generator, dtype=r.x.dtype)
+        self.log_norm = torch.zeros(DIXON_PROBES, dtype=torch.float64)
+        self.steps = 0
+        self.lower = 0.0
+        self.upper = math.inf
+
+    def advance(self, steps: int) -> SpectralNormBound:
+        tiny = torch.finfo(self.v.dtype).tiny
+        while self.steps < steps:
+            n = self.v.norm(dim=0).clamp_min(tiny)
+            self.log_norm += n.double().log()
+            w = self.r.rmatmul(self.v / n)
+            self.lower = max(self.lower, float((w.norm(dim=0) ** 2).max()))  # ||r^T v||² with ||v|| = 1
+            self.v = self.r @ w
+            self.steps += 1
+        final = self.log_norm + self.v.norm(dim=0).clamp_min(tiny).double().log()
+        log_bound = (math.log(DIXON_ALPHA * math.sqrt(2 / math.pi)) + float(final.max())) / (2 * self.steps + 1)
+        self.upper = math.exp(2 * log_bound)
+        return self
 
 
 def _li_li(gap: torch.Tensor, c2: float) -> torch.Tensor:
@@ -147,51 +189,60 @@ def _li_li(gap: torch.Tensor, c2: float) -> torch.Tensor:
 
 @dataclass
 class _Sketch:
+    """Rayleigh–Ritz of dW on span(Q), and what the bounds need."""
+
     theta: torch.Tensor  # squared Ritz values, float64, descending
     u: torch.Tensor  # k × k
     vh: torch.Tensor  # k × n
-    excess: torch.Tensor  # per index: upper bound on σ_i² − θ_i
-    residual_sq: float  # ||R||_F²
+    residual_sq: float  # ||R||_F², R = (I − QQ^T)·dW
+    c2: float  # ||C||_2²
+
+    def excess(self, gamma: float, top_bound: float) -> torch.Tensor:
+        """Per index i, an upper bound on σ_i² − θ_i given γ ≥ ||R||_2² and top_bound ≥ ||dW||_2²."""
+        gamma = min(gamma, self.residual_sq)
+        excess = torch.full_like(self.theta, gamma)
+        gap = self.theta - gamma
+        above = gap > 0
+        excess[above] = torch.minimum(excess[above], _li_li(gap[above], self.c2))
+        upper = torch.cummin(torch.clamp(self.theta + excess, max=top_bound), 0).values
+        return (upper - self.theta).clamp_min(0)
 
 
-def _measure(x: torch.Tensor, q: torch.Tensor, generator: torch.Generator, top_bound: float) -> _Sketch:
+def _sketch(x: torch.Tensor, q: torch.Tensor, rows: int = 512) -> _Sketch:
     small = q.T @ x  # k × n
-    residual = x - q @ small
-    residual_sq = frobenius_sq(residual)
-    c = residual @ small.T  # (I − QQ^T)·dW·dW^T·Q
+    # R = x − Q·small, a block of rows at a time: ||R||_F² without cancellation and C = R·small^T, with no m × n
+    # temporary
+    residual_sq, c = 0.0, torch.empty(x.shape[0], q.shape[1], dtype=x.dtype)
+    for start in range(0, x.shape[0], rows):
+        block = torch.addmm(x[start:start + rows], q[start:start + rows], small, alpha=-1)
+        residual_sq += frobenius_sq(block)
+        torch.mm(block, small.T, out=c[start:start + rows])
     c2 = float(torch.linalg.matrix_norm(c.double(), ord=2)) ** 2 if c.numel() else 0.0
-    gamma = min(residual_norm_bound(residual, generator), residual_sq)
-    del residual, c
     # the SVD of the tall transpose: LAPACK is far slower on the wide k × n matrix itself
     p, s, qh = torch.linalg.svd(small.double().T, full_matrices=False)
-    u, vh = qh.T, p.T
-    theta = s**2
-    excess = torch.full_like(theta, gamma)
-    gap = theta - gamma
-    above = gap > 0
-    excess[above] = torch.minimum(excess[above], _li_li(gap[above], c2))
-    upper = torch.cummin(torch.clamp(theta + excess, max=top_bound), 0).values
-    excess = (upper - theta).clamp_min(0)
-    return _Sketch(theta=theta, u=u, vh=vh, excess=excess, residual_sq=residual_sq)
+    return _Sketch(theta=s**2, u=qh.T, vh=p.T, residual_sq=residual_sq, c2=c2)
 
 
-def _rho_bound(sk: _Sketch, r: int, total: float) -> tuple[float, float]:
+def _rho_bound(sk: _Sketch, r: int, total: float, excess: torch.Tensor) -> tuple[float, float]:
     """(error, certified upper bound on rho) of the rank-r factorization from this sketch."""
     err_sq = sk.residual_sq + float(sk.theta[r:].sum())
     if err_sq <= (EXACT_RELATIVE_ERROR**2) * total:
         return math.sqrt(err_sq), 1.0
-    d = min(float(sk.excess[:r].sum()), sk.residual_sq)
-    opt_sq = err_sq - d
+    opt_sq = err_sq - min(float(excess[:r].sum()), sk.residual_sq)
     return math.sqrt(err_sq), (math.sqrt(err_sq / opt_sq) if opt_sq > 0 else math.inf)
 
 
-def _energy_choice(sk: _Sketch, total: float, energy: float, max_rank: int) -> int | None:
+def _energy_choice(sk: _Sketch, excess: torch.Tensor, total: float, energy: float, max_rank: int) -> int | None:
     """The rank the exact SVD would pick, when the sketch's bounds decide it; None when they do not (yet)."""
     target = energy * total
     k = len(sk.theta)
     low = torch.cumsum(sk.theta, 0)
-    high = torch.minimum(torch.cumsum(sk.theta + sk.excess, 0), low + sk.residual_sq)
-    first = lambda cum: int(torch.nonzero(cum >= target)[0]) + 1 if bool((cum >= target).any()) else None  # noqa: E731
+    high = torch.minimum(torch.cumsum(sk.theta + excess, 0), low + sk.residual_sq)
+
+    def first(cum: torch.Tensor) -> int | None:
+        hit = torch.nonzero(cum >= target)
+        return int(hit[0]) + 1 if len(hit) else None
+
     r_low, r_high = first(high), first(low)  # r_low ≤ r_exact ≤ r_high
     if r_low is None:  # even the upper bounds do not reach the target within k: r_exact > k
         return max_rank if k >= max_rank else None
@@ -211,28 +262,37 @@ def factor_randomized(x: torch.Tensor, *, rank: int | None = None, energy: float
     m, n = x.shape
     full = min(m, n)
     want = min(rank if rank is not None else max_rank, full)
-    oversample = max(8, want // 4)
+    oversample = max(OVERSAMPLE_MIN, int(want * OVERSAMPLE_FRACTION))
     # energy mode starts small and widens: most layers need far fewer than max_rank directions
     k = min(want if rank is not None else min(want, 32), full) + oversample
     if 2 * k >= full:  # a sketch this wide costs as much as the exact SVD
         return factor_exact(x, rank=rank, energy=energy, max_rank=max_rank, total=total)
     gen = torch.Generator().manual_seed(seed)
-    q = _orthonormal(x @ torch.randn(n, k, generator=gen))
-    q = _power(x, q, FIRST_POWER_ITERS)
+    q = _power(x, _orthonormal(x @ torch.randn(n, k, generator=gen)), FIRST_POWER_ITERS)
     iters = FIRST_POWER_ITERS
     top_bound = math.inf  # a bound on ||dW||_2², computed only when a flat spectrum needs it
-    for round_ in range(MAX_ROUNDS):
-        if round_ == 1:
-            top_bound = residual_norm_bound(x, gen)
-        sk = _measure(x, q, gen, top_bound)
-        r = min(rank, full) if rank is not None else _energy_choice(sk, total, energy, max_rank)
-        if r is not None and r + oversample // 2 <= len(sk.theta):
-            error, rho = _rho_bound(sk, r, total)
+    for _ in range(MAX_ROUNDS):
+        sk = _sketch(x, q)
+        probes = SpectralNormBound(_Operator(x, q), gen)
+        r = None
+        for steps in PROBE_STEPS:
+            probes.advance(steps)
+            excess = sk.excess(probes.upper, top_bound)
+            r = min(rank, full) if rank is not None else _energy_choice(sk, excess, total, energy, max_rank)
+            if r is None or r + oversample // 2 > len(sk.theta):
+                break  # the sketch is too narrow for this rank: widen it
+            error, rho = _rho_bound(sk, r, total, excess)
             if rho <= rho_target:
                 b, a = _split_factors(q.double() @ sk.u[:, :r], sk.theta[:r].sqrt(), sk.vh[:r])
                 return LowRank(B=b, A=a, rank=r, total_energy=total, error=error, rho=rho, method="randomized",
                                sketch=len(sk.theta), power_iters=iters)
-        grow = oversample if rank is not None or r is not None else len(sk.theta)
+            # more probe steps only help when even a perfect γ (the certain lower bound) would pass
+            if _rho_bound(sk, r, total, sk.excess(probes.lower, top_bound))[1] > rho_target:
+                break
+        if math.isinf(top_bound) and float(sk.theta[min(r or 1, len(sk.theta)) - 1]) > FLAT * float(sk.theta[0]):
+            top_bound = SpectralNormBound(_Operator(x), gen).advance(PROBE_STEPS[-1]).upper  # σ_i ≤ σ_1 ≤ this
+        del sk, probes
+        grow = oversample if rank is not None or r is not None else q.shape[1]
         if 2 * (q.shape[1] + grow) >= full:
             break
         q = _orthonormal(torch.cat([q, x @ torch.randn(n, grow, generator=gen)], dim=1))

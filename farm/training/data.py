@@ -92,7 +92,8 @@ def _chat_problem(row: dict) -> str | None:
 
 ROW_CHECKS = {
     "chat": _chat_problem,
-    "alpaca": lambda r: (_field_problem(r, "instruction") or _field_problem(r, "input", may_be_empty=True, optional=True)
+    "alpaca": lambda r: (_field_problem(r, "instruction")
+                         or _field_problem(r, "input", may_be_empty=True, optional=True)
                          or _field_problem(r, "output")),
     "completion": lambda r: _field_problem(r, "prompt", may_be_empty=True) or _field_problem(r, "completion"),
     "text": lambda r: _field_problem(r, "text"),
@@ -107,7 +108,8 @@ def read_rows(path: str | Path, fmt: str) -> list[tuple[int, dict]]:
     path = Path(path)
     check = ROW_CHECKS.get(fmt)
     if check is None:
-        raise DatasetError(f"unknown dataset format {fmt!r}: use one of {', '.join(ROW_CHECKS)}", field="dataset.format")
+        raise DatasetError(f"unknown dataset format {fmt!r}: use one of {', '.join(ROW_CHECKS)}",
+                           field="dataset.format")
     try:
         raw_lines = path.read_bytes().splitlines()
     except FileNotFoundError:
@@ -263,7 +265,7 @@ def has_target(example: Example) -> bool:
 
 def tokenize_rows(rows: list[tuple[int, dict]], fmt: str, tokenizer, max_seq_len: int, too_long: str,
                   stats: DataStats, source: str | Path = "dataset") -> list[Example]:
-    """Tokenize (line number, row) pairs; truncate or drop rows longer than max_seq_len; drop rows with nothing to learn.
+    """Tokenize (line number, row) pairs; truncate or drop those over max_seq_len; drop those with nothing to learn.
 
     Counts go into `stats` (truncated, dropped, dropped_no_target, target_tokens).
     """

@@ -1,10 +1,12 @@
-"""Where and with what a job ran: library versions, host, devices (recorded in the adapter's provenance)."""
+"""Where and with what a job ran: library versions, host, devices (recorded in the adapter's provenance).
+
+The farm's own version and git commit are added by the publisher (farm.artifacts.build_metadata).
+"""
 
 from __future__ import annotations
 
 import platform
 import socket
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -18,20 +20,6 @@ def package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def git_commit() -> str | None:
-    """The farm checkout's commit when it runs from a git working tree (None for an installed wheel)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def _cpu_name() -> str:
@@ -60,8 +48,6 @@ def environment() -> dict:
     return {
         "python": sys.version.split()[0],
         **versions,
-        "farm": package_version("lora-farm"),
-        "farm_git_commit": git_commit(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "device": device_info(),

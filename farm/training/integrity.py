@@ -79,7 +79,8 @@ def base_params_checksum(model) -> str:
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if is_adapter_param(name):
             continue
-        data = param.detach()
+        # A plain-tensor view: bitsandbytes' parameter subclasses override .to()/.cpu() with (de)quantizing logic.
+        data = param.detach().as_subclass(torch.Tensor)
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
         flat = data.reshape(-1).contiguous().cpu()
         # A view as bytes hashes any dtype (bfloat16 has no numpy type) without another copy.

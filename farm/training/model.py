@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from farm.errors import ModelError
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (every device): the same seed gives the same LoRA init, dropout and loss curve."""
@@ -20,7 +23,7 @@ def seed_everything(seed: int) -> None:
 
 
 def training_device():
-    """The device this process trains on: its own GPU (LOCAL_RANK under a launcher; a pinned worker sees one), or CPU."""
+    """The device this process trains on: its GPU (LOCAL_RANK under a launcher; a pinned worker sees one), or CPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -71,8 +74,8 @@ def quantization_config(spec):
         if spec.deepspeed is not None:
             # ZeRO shards parameters by dtype: 4-bit weights stored as the compute dtype can be sharded and gathered.
             extra["bnb_4bit_quant_storage"] = compute
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-                                  bnb_4bit_compute_dtype=compute, **extra)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type,
+                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute, **extra)
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -104,13 +107,15 @@ def load_base_model(base_dir: str | Path, spec, device=None):
     if qconfig is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+        with _quiet_renamed_api_warnings():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         for param in model.parameters():
             param.requires_grad_(False)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            with _quiet_renamed_api_warnings():
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -129,15 +134,29 @@ def _keep_cpu_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@contextmanager
+def _quiet_renamed_api_warnings():
+    """transformers 5 renamed gradient checkpointing to activation checkpointing; peft still calls the old names.
+    The FutureWarnings say nothing a job's owner can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.*deprecated")
+        yield
+
+
 class _DropInt8CastWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
+_INT8_CAST_FILTER = _DropInt8CastWarning()
+
+
 def _quiet_int8_cast_warning() -> None:
     """bitsandbytes logs this on every int8 matmul (k-bit preparation keeps activations in float32): one line per
     layer per step would bury the runner's log."""
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastWarning())
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _INT8_CAST_FILTER not in logger.filters:
+        logger.addFilter(_INT8_CAST_FILTER)
 
 
 def lora_config(spec):
@@ -165,7 +184,8 @@ def attach_adapter(base, spec, continue_from: str | Path | None = None):
         try:
             return PeftModel.from_pretrained(base, str(path), is_trainable=True)
         except Exception as exc:
-            raise ModelError(f"{path}: this adapter does not fit the base model: {exc}", field="continue_from") from None
+            raise ModelError(f"{path}: this adapter does not fit the base model: {exc}",
+                             field="continue_from") from None
     try:
         return get_peft_model(base, lora_config(spec))
     except ValueError as exc:

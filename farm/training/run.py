@@ -62,7 +62,6 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     from farm.training import integrity
     from farm.training.backend import make_backend
     from farm.training.data import prepare_data
-    from farm.training.environment import environment
     from farm.training.loop import EpochPlan, LoopConfig, TrainState, total_steps, train
     from farm.training.model import build_model, check_model_config, load_tokenizer, training_device
     from farm.training.packing import to_rows
@@ -70,24 +69,20 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     clock = _Clock()
     spec = parse_job_spec(job)
     params = spec.training
-    main = int(os.environ.get("RANK", "0")) == 0
-    say = emit if main else (lambda event: None)
+    # Under a multi-process launcher every rank runs this; only rank 0 reports.
+    say = emit if int(os.environ.get("RANK", "0")) == 0 else (lambda event: None)
     base_dir = Path(job["base_model"])
     if not base_dir.is_dir():
         raise ModelError(f"{base_dir}: base model folder not found (job base_model)", field="base_model")
     check_model_config(base_dir)
-    output_dir, checkpoint_dir = Path(job["output_dir"]), Path(job["checkpoint_dir"])
 
     t = time.perf_counter()
     say({"type": "log", "message": f"hashing the base model's weight files in {base_dir}"})
-    base_sha, base_files = integrity.weight_file_digests(base_dir)
-    dataset_sha = integrity.file_sha256(job["dataset"]) if Path(job["dataset"]).is_file() else None
-    eval_path = job.get("eval_dataset")
-    eval_sha = integrity.file_sha256(eval_path) if eval_path and Path(eval_path).is_file() else None
+    hashes = _hash_inputs(job, base_dir)
     t = clock.phase("hash", t)
 
     tokenizer = load_tokenizer(base_dir)
-    data = prepare_data(spec, tokenizer, job["dataset"], eval_path)
+    data = prepare_data(spec, tokenizer, job["dataset"], job.get("eval_dataset"))
     stats = data.stats
     say({"type": "log", "message": (
         f"data: {stats.rows} rows, {stats.train_examples} train and {stats.eval_examples} eval examples; "
@@ -100,40 +95,66 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     trainable, total = integrity.check_only_adapter_trainable(model)
     base_checksum = integrity.base_params_checksum(model)
     rows = to_rows(data.train, params.max_seq_len, params.packing)
-    eval_rows = to_rows(data.eval, params.max_seq_len, params.packing)
     plan = EpochPlan(rows, params.micro_batch_size, params.grad_accum, params.seed)
     steps = total_steps(plan, params)
     backend = make_backend(model, spec, steps, device)
-    state = TrainState()
+    state, resumed_at = TrainState(), None
     if job.get("resume_from"):
-        state = ckpt.load_checkpoint(job["resume_from"], model, backend, dataset_sha256=dataset_sha,
+        state = ckpt.load_checkpoint(job["resume_from"], model, backend, dataset_sha256=hashes["dataset"],
                                      steps_per_epoch=plan.steps_per_epoch)
+        resumed_at = state.step
         say({"type": "log", "message": f"resumed from {job['resume_from']} at step {state.step} of {steps}"})
-    resumed_at = state.step if job.get("resume_from") else None
     t = clock.phase("load", t)
 
     attn = getattr(model.config, "_attn_implementation", "") or ""
     cfg = LoopConfig(total_steps=steps, pad_id=tokenizer.pad_token_id, packed=params.packing,
-                     flatten=params.packing and attn.startswith("flash"), micro_batch_size=params.micro_batch_size,
+                     flatten=params.packing and "flash" in attn, micro_batch_size=params.micro_batch_size,
                      eval_every=params.eval_every, early_stopping_patience=params.early_stopping_patience,
                      checkpoint_every=params.checkpoint_every)
-    checkpoint_extra = {"job_id": job["job_id"], "attempt": job.get("attempt"), "dataset_sha256": dataset_sha,
+    checkpoint_extra = {"job_id": job["job_id"], "attempt": job.get("attempt"), "dataset_sha256": hashes["dataset"],
                         "steps_per_epoch": plan.steps_per_epoch, "grad_accum": params.grad_accum,
                         "total_steps": steps}
 
     def on_checkpoint(st: TrainState) -> None:
-        path = ckpt.save_checkpoint(checkpoint_dir, model, backend, st, checkpoint_extra)
+        path = ckpt.save_checkpoint(job["checkpoint_dir"], model, backend, st, checkpoint_extra)
         say({"type": "checkpoint", "step": st.step, "path": str(path)})
 
     say({"type": "log", "message": f"training {steps} steps ({plan.steps_per_epoch} per epoch, {len(rows)} rows"
                                    f"{' packed' if params.packing else ''}) on {device}"})
+    eval_rows = to_rows(data.eval, params.max_seq_len, params.packing)
     state = train(backend, plan, eval_rows, cfg, state, say, on_checkpoint)
     t = clock.phase("train", t)
 
     integrity.check_only_adapter_trainable(model)
     integrity.verify_base_unchanged(base_checksum, integrity.base_params_checksum(model))
+    metrics = summary_metrics(state)
+    if backend.is_main_process:
+        _save_outputs(model, Path(job["output_dir"]), state, metrics)
+    clock.phase("save", t)
+
+    provenance = _provenance(job, spec, hashes, stats, clock, resumed_at, {
+        "base_params_checksum": base_checksum, "trainable_params": trainable, "total_params": total})
+    say({"type": "done", "metrics": metrics, "provenance": provenance})
+
+
+def _hash_inputs(job: dict, base_dir: Path) -> dict:
+    """sha256 of every input the adapter depends on: base weight files, dataset, eval file, parent adapter."""
+    from farm.training.integrity import file_sha256, weight_file_digests
+
+    def digest(path) -> str | None:
+        return file_sha256(path) if path and Path(path).is_file() else None
+
+    base, base_files = weight_file_digests(base_dir)
+    parent = job.get("continue_from")
+    return {"base": base, "base_files": base_files, "dataset": digest(job["dataset"]),
+            "eval": digest(job.get("eval_dataset")),
+            "parent": digest(Path(parent) / "adapter_model.safetensors") if parent else None}
+
+
+def summary_metrics(state) -> dict:
+    """The `done` event's metrics, from the loop's final state."""
     last_eval = state.last_eval
-    metrics = {
+    return {
         "final_loss": next((h["loss"] for h in reversed(state.history) if "loss" in h), None),
         "final_eval_loss": last_eval["eval_loss"] if last_eval else None,
         "perplexity": last_eval["perplexity"] if last_eval else None,
@@ -145,23 +166,25 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": state.tokens / state.step_seconds if state.step_seconds > 0 else 0.0,
     }
-    if backend.is_main_process:
-        _save_outputs(model, output_dir, state, metrics)
-    clock.phase("save", t)
 
-    provenance = {
-        "base_model_sha256": base_sha,
-        "base_model_files": base_files,
-        "dataset": {"sha256": dataset_sha, "format": spec.dataset.format, "examples": stats.train_examples,
+
+def _provenance(job: dict, spec, hashes: dict, stats, clock: _Clock, resumed_at: int | None, integrity: dict) -> dict:
+    from farm.training.environment import environment
+
+    return {
+        "base_model_sha256": hashes["base"],
+        "base_model_files": hashes["base_files"],
+        "dataset": {"sha256": hashes["dataset"], "format": spec.dataset.format, "examples": stats.train_examples,
                     "rows": stats.rows, "truncated": stats.truncated, "dropped": stats.dropped,
-                    "eval_examples": stats.eval_examples, "eval_sha256": eval_sha, "target_tokens": stats.target_tokens},
+                    "eval_examples": stats.eval_examples, "eval_sha256": hashes["eval"],
+                    "target_tokens": stats.target_tokens},
         "environment": environment(),
         "timings": clock.as_dict(),
-        "integrity": {"base_params_checksum": base_checksum, "trainable_params": trainable, "total_params": total},
-        "lineage": {"continue_from": job.get("continue_from"), "resume_from": job.get("resume_from"),
-                    "resumed_at_step": resumed_at, "attempt": job.get("attempt")},
+        "integrity": integrity,
+        # Local paths of the worker's scratch folder mean nothing later: record what was loaded, by content.
+        "lineage": {"parent_adapter_sha256": hashes["parent"], "resumed_at_step": resumed_at,
+                    "attempt": job.get("attempt")},
     }
-    say({"type": "done", "metrics": metrics, "provenance": provenance})
 
 
 def _save_outputs(model, output_dir: Path, state, metrics: dict) -> None:

@@ -1,10 +1,12 @@
 """Packing vs no packing, side by side: effective (non-pad) tokens/s over one epoch of short examples.
 
-Run:  .venv/bin/python tests/benchmarks/bench_packing.py [--repeats 3] [--rows 512] [--max-seq-len 256]
+Run:  .venv/bin/python tests/benchmarks/bench_packing.py [--repeats 3] [--rows 256] [--max-seq-len 256] [--threads 1]
 
 Both modes train the same 4-bit QLoRA job through farm.training.run.run_training on the same dataset (one epoch,
 so the same real tokens); only `training.packing` differs. Runs alternate (unpacked, packed, unpacked, ...) so
-load from other processes hits both alike; the median of each mode is reported. tokens/s counts real tokens
+load from other processes hits both alike; the median of each mode is reported. On a machine shared with
+other jobs, `--threads 1` avoids OpenMP oversubscription, which otherwise slows every run by an order of
+magnitude at random. tokens/s counts real tokens
 only and times the optimizer steps only (model loading excluded), as the runner reports it.
 """
 
@@ -56,12 +58,17 @@ def train_once(root: Path, model: Path, data: Path, packing: bool, args) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -80,7 +87,8 @@ def main() -> None:
     med = {p: statistics.median(r["tokens_per_s"] for r in results[p]) for p in (False, True)}
     print()
     print(f"model: hidden {args.hidden}, {args.layers} layers, 4-bit; {args.rows} rows, micro-batch "
-          f"{args.micro_batch_size}, max_seq_len {args.max_seq_len}; median of {args.repeats}")
+          f"{args.micro_batch_size}, max_seq_len {args.max_seq_len}; median of {args.repeats}; "
+          f"{__import__('torch').get_num_threads()} threads")
     print(f"{'mode':10s} {'steps':>6s} {'tokens':>8s} {'effective tokens/s':>20s}")
     for packing in (False, True):
         r = results[packing][0]
