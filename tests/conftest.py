@@ -15,5 +15,7 @@ pytest_plugins = [
 ]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# 2 cores shared by the test process and its workers: one torch thread each avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

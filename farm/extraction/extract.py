@@ -26,7 +26,6 @@ from farm.specs import ExtractSpec
 METRICS_FILE = "training_metrics.json"
 # ||dW||_F / ||W_base||_F below this is float round-off (bf16 resolves 4e-3): the layer counts as unchanged.
 NEGLIGIBLE_RELATIVE_CHANGE = 1e-6
-_HEAD_NAMES = ("lm_head", "embed_out")
 
 
 @dataclass
@@ -192,20 +191,21 @@ def _whole_modules(plan: ExtractionPlan, base: _Reader, ft: _Reader, out: _Colle
 
     Returns (modules_to_save, tie) where tie means the embedding is saved and the head is tied to it.
     """
-    heads = {m for m in plan.whole_modules if m.rsplit(".", 1)[-1] in _HEAD_NAMES or m == "output"}
     saved = []
     for module, names in plan.whole_modules.items():
-        if plan.tied_embeddings and module in heads:
+        if plan.tied_embeddings and module in plan.heads:
             continue  # a tied head is the embedding: saved (and re-tied by peft) through it
-        if any(_differs(base.get(t), ft.get(t)) for t in names):
+        tuned = {t: ft.get(t) for t in names}
+        if any(_differs(base.get(t), tuned[t]) for t in names):
             saved.append(module)
-            for t in names:
-                out.tensors[peft_format.saved_key(t)] = ft.get(t)
+            out.tensors.update({peft_format.saved_key(t): tensor for t, tensor in tuned.items()})
+        del tuned
     tie = plan.tied_embeddings and plan.input_embedding in saved
     if tie:
         # peft's ensure_weight_tying expects the head's key as well; it holds the embedding.
         embedding = out.tensors[peft_format.saved_key(f"{plan.input_embedding}.weight")]
-        out.tensors[peft_format.saved_key(f"{next(iter(sorted(heads)), 'lm_head')}.weight")] = embedding
+        head = plan.heads[0] if plan.heads else "lm_head"  # a tied head is usually left out of the checkpoint
+        out.tensors[peft_format.saved_key(f"{head}.weight")] = embedding
     return saved, tie
 
 

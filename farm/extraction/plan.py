@@ -15,6 +15,8 @@ from farm import model_files
 from farm.errors import ModelError
 from farm.model_files import TensorInfo
 
+HEAD_NAMES = ("lm_head", "embed_out")
+
 
 @dataclass(frozen=True)
 class LinearLayer:
@@ -38,18 +40,19 @@ class ExtractionPlan:
     input_embedding: str | None
     """Module name of the input token embedding (the one a tied head shares)."""
     tied_embeddings: bool
+    heads: list[str] = field(default_factory=list)
+    """Output-head modules stored in the checkpoint (none when a tied head is left out of it)."""
     config: dict = field(default_factory=dict)
 
-    @property
-    def max_layer_elements(self) -> int:
-        return max((o * i for o, i in (layer.shape for layer in self.layers)), default=0)
+
+def _is_head(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] in HEAD_NAMES or module == "output"
 
 
 def _input_embedding(index: dict[str, TensorInfo], config: dict) -> str | None:
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    candidates = [n[: -len(".weight")] for n, t in index.items()
-                  if n.endswith(".weight") and len(t.shape) == 2 and model_files.is_embedding_module(n[: -7])
-                  and n[: -7].rsplit(".", 1)[-1] not in {"lm_head", "embed_out"} and n[: -7] != "output"]
+    matrices = [n.removesuffix(".weight") for n, t in index.items() if n.endswith(".weight") and len(t.shape) == 2]
+    candidates = [m for m in matrices if model_files.is_embedding_module(m) and not _is_head(m)]
     if vocab:
         sized = [c for c in candidates if index[c + ".weight"].shape[0] == vocab]
         candidates = sized or candidates
@@ -80,17 +83,22 @@ def plan_extraction(base_dir: Path, target_modules: str | list[str],
         raise ModelError(f"{base_dir}: target_modules {target_modules!r} select no linear layer (only embeddings or "
                          f"the output head); available: {', '.join(model_files.module_suffixes(linear))}",
                          field="target_modules")
+    not_float = [f"{m}.weight ({index[f'{m}.weight'].dtype})" for m in targeted
+                 if not index[f"{m}.weight"].dtype.startswith(("F", "BF"))]
+    if not_float:
+        raise ModelError(f"{base_dir}: tensor {not_float[0]} is not floating point: extraction needs unquantized "
+                         "weights (use the full-precision checkpoint)", field="base_model")
     layers = [LinearLayer(module=m, weight=f"{m}.weight",
                           bias=f"{m}.bias" if f"{m}.bias" in index else None,
                           shape=tuple(index[f"{m}.weight"].shape)) for m in targeted]
     # Older configs leave tie_word_embeddings out when it is the (tied) default; a missing head tensor is the tell.
-    head_saved = any(n in index for n in ("lm_head.weight", "embed_out.weight", "output.weight"))
+    heads = [n.removesuffix(".weight") for n in index if n.endswith(".weight") and _is_head(n.removesuffix(".weight"))]
     text_config = config.get("text_config") or {}
-    tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", not head_saved)))
+    tied = bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", not heads)))
     return ExtractionPlan(layers=layers, untargeted=[m for m in linear if m not in selected],
                           whole_modules=_whole_modules(index, set(linear)),
                           input_embedding=_input_embedding(index, config),
-                          tied_embeddings=tied, config=config)
+                          tied_embeddings=tied, config=config, heads=heads)
 
 
 def check_rank_fits(rank: int | None, plan: ExtractionPlan) -> None:

@@ -64,7 +64,8 @@ def validate_extract_spec(spec: ExtractSpec) -> dict:
     try:
         plan = plan_extraction(model_dir, spec.target_modules, indexes[model_field])
     except ModelError as exc:
-        raise ModelError(f"target_modules: {exc.message}", field="target_modules") from None
+        field = exc.field or "target_modules"
+        raise ModelError(f"{field}: {exc.message}", field=field) from None
     check_rank_fits(spec.rank, plan)
     shapes: dict[str, list[int]] = {}
     for layer in plan.layers:
