@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from api.deps import SettingsDep
-from api.stats import FarmStats, collect_stats
+from farm.stats import FarmStats, collect_stats
 from farm.flower import RUNTIME_BUCKETS_S
 
 router = APIRouter(tags=["metrics"])

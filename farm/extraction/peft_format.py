@@ -105,7 +105,7 @@ def check_keys(tensors: dict, expected: dict[str, tuple[int, ...]]) -> None:
             parts.append(f"unexpected {unexpected[:5]}" + (f" (+{len(unexpected) - 5})" if len(unexpected) > 5 else ""))
         if wrong:
             parts.append(f"wrong shapes {wrong[:5]}")
-        raise FarmError("the extracted adapter does not match the keys peft expects for this model: "
+        raise ModelError("the extracted adapter does not match the keys peft expects for this model: "
                         + "; ".join(parts) + ". This architecture's layout is not supported by extraction yet.")
 
 

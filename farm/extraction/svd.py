@@ -274,20 +274,28 @@ def factor_randomized(x: torch.Tensor, *, rank: int | None = None, energy: float
     for _ in range(MAX_ROUNDS):
         sk = _sketch(x, q)
         probes = SpectralNormBound(_Operator(x, q), gen)
+
+        def settle(excess: torch.Tensor) -> tuple[int | None, float]:
+            """(rank, rho bound) with these per-index excesses; rank None when undecided or the sketch too narrow."""
+            r = min(rank, full) if rank is not None else _energy_choice(sk, excess, total, energy, max_rank)
+            if r is None or r + oversample // 2 > len(sk.theta):
+                return None, math.inf
+            return r, _rho_bound(sk, r, total, excess)[1]
+
         r = None
         for steps in PROBE_STEPS:
             probes.advance(steps)
             excess = sk.excess(probes.upper, top_bound)
-            r = min(rank, full) if rank is not None else _energy_choice(sk, excess, total, energy, max_rank)
-            if r is None or r + oversample // 2 > len(sk.theta):
-                break  # the sketch is too narrow for this rank: widen it
-            error, rho = _rho_bound(sk, r, total, excess)
+            r, rho = settle(excess)
             if rho <= rho_target:
+                error = _rho_bound(sk, r, total, excess)[0]
                 b, a = _split_factors(q.double() @ sk.u[:, :r], sk.theta[:r].sqrt(), sk.vh[:r])
                 return LowRank(B=b, A=a, rank=r, total_energy=total, error=error, rho=rho, method="randomized",
                                sketch=len(sk.theta), power_iters=iters)
-            # more probe steps only help when even a perfect γ (the certain lower bound) would pass
-            if _rho_bound(sk, r, total, sk.excess(probes.lower, top_bound))[1] > rho_target:
+            # more probe steps only help when even a perfect γ (the certain lower bound) would settle it
+            r_ideal, rho_ideal = settle(sk.excess(probes.lower, top_bound))
+            if rho_ideal > rho_target:
+                r = r if r is not None else r_ideal
                 break
         if math.isinf(top_bound) and float(sk.theta[min(r or 1, len(sk.theta)) - 1]) > FLAT * float(sk.theta[0]):
             top_bound = SpectralNormBound(_Operator(x), gen).advance(PROBE_STEPS[-1]).upper  # σ_i ≤ σ_1 ≤ this

@@ -1,7 +1,6 @@
 """What /metrics reports, read from the catalog and the broker.
 
-These are read-only aggregate queries with no use case of their own in farm.service; they live beside the one
-route that needs them.
+Part of the service layer: read-only aggregates for monitoring (the API's /metrics renders them).
 """
 
 from __future__ import annotations
