@@ -43,7 +43,7 @@ def demo_spec(model_dir: Path, data_path: Path, steps: int) -> dict:
     }
 
 
-def run_demo(workdir: Path, steps: int = 30) -> None:
+def run_demo(workdir: Path, steps: int = 60) -> None:
     from farm import service
     from farm.embedded import ensure_services
     from farm.tiny import build_tiny_model, write_dataset
@@ -80,7 +80,7 @@ def run_demo(workdir: Path, steps: int = 30) -> None:
             shutil.rmtree(dest)
         pulled = service.pull_adapter(job.adapter, dest, settings=settings)
         render.console.print(f"pulled {job.adapter} to {pulled.dest}, {len(pulled.files)} files, sha256 verified")
-        _generate(model_dir, Path(pulled.dest))
+        _generate(model_dir, Path(pulled.dest), data_path)
         render.adapter_detail(service.get_adapter(job.adapter, settings=settings))
     finally:
         try:
@@ -90,21 +90,34 @@ def run_demo(workdir: Path, steps: int = 30) -> None:
             os.killpg(worker.pid, signal.SIGKILL)
 
 
-def _generate(model_dir: Path, adapter_dir: Path) -> None:
+def _generate(model_dir: Path, adapter_dir: Path, data_path: Path) -> None:
+    """Greedy-decode one of the dataset's questions with the base model, then with the adapter."""
+    import json
+    import warnings
+
     import torch
+    import transformers
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    row = json.loads(data_path.read_text().splitlines()[0])
+    question = [m for m in row["messages"] if m["role"] != "assistant"][:2]
+    answer = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        before = base.generate(**ids, max_new_tokens=16, do_sample=False)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    with torch.no_grad():
-        after = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    prompt = tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     n = ids["input_ids"].shape[1]
+    with torch.no_grad():
+        before = base.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+        after = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    render.console.print(f"prompt:             {question[-1]['content']!r}  (training answer: {answer!r})")
     render.console.print(f"base model says:    {tok.decode(before[0][n:], skip_special_tokens=True)!r}")
     render.console.print(f"with the adapter:   {tok.decode(after[0][n:], skip_special_tokens=True)!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,9 +38,11 @@ class FarmSettings(BaseSettings):
     )
     flower_basic_auth: SecretStr | None = Field(None, description="user:password for Flower.")
 
-    @property
-    def queue_prefix(self) -> str:
-        return "farm"
+    @field_validator("home", "work_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Runners work in their own job folder: relative paths would point elsewhere there.
+        return value.expanduser().resolve()
 
 
 @lru_cache(maxsize=1)

@@ -210,7 +210,7 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path(".farm/demo"), help="Where the demo writes its model, data and spec."),
-         steps: int = typer.Option(30, help="Training steps.")) -> None:
+         steps: int = typer.Option(60, help="Training steps.")) -> None:
     """The farm end to end on this machine: start services and a CPU worker, train a tiny QLoRA adapter, pull it,
     load it with PEFT, generate a line, print its provenance."""
     from farm.demo import run_demo

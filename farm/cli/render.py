@@ -96,7 +96,7 @@ class JobProgress:
     def __init__(self, job_id: str):
         self.progress = Progress(
             TextColumn("[bold]{task.fields[state]}[/bold]"), BarColumn(),
-            TextColumn("{task.completed:.0f}/{task.total:.0f}"), TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
         self.task = self.progress.add_task(job_id, total=None, state="queued", info="")
 

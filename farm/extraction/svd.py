@@ -56,6 +56,9 @@ POWER_STEP = 2
 OVERSAMPLE_MIN = 8
 OVERSAMPLE_FRACTION = 0.5
 MAX_ROUNDS = 4
+# A sketch wider than this share of min(m, n) costs about as much as the exact SVD: use that instead.
+MAX_SKETCH_SHARE = 0.3
+ENERGY_FIRST_RANK = 32
 # θ_r / θ_1 above this counts as a flat top of the spectrum (then a bound on ||dW||_2 is worth its passes).
 FLAT = 0.5
 # A relative error below this is float32 round-off (B·A alone rounds at ~1e-6): the factorization is exact and rho
@@ -261,11 +264,11 @@ def factor_randomized(x: torch.Tensor, *, rank: int | None = None, energy: float
     total = frobenius_sq(x) if total is None else total
     m, n = x.shape
     full = min(m, n)
-    want = min(rank if rank is not None else max_rank, full)
+    # energy mode starts at rank 32 and widens: most layers need far fewer than max_rank directions
+    want = min(rank, full) if rank is not None else min(max_rank, ENERGY_FIRST_RANK, full)
     oversample = max(OVERSAMPLE_MIN, int(want * OVERSAMPLE_FRACTION))
-    # energy mode starts small and widens: most layers need far fewer than max_rank directions
-    k = min(want if rank is not None else min(want, 32), full) + oversample
-    if 2 * k >= full:  # a sketch this wide costs as much as the exact SVD
+    k = want + oversample
+    if k > MAX_SKETCH_SHARE * full:  # a sketch this wide costs about as much as the exact SVD
         return factor_exact(x, rank=rank, energy=energy, max_rank=max_rank, total=total)
     gen = torch.Generator().manual_seed(seed)
     q = _power(x, _orthonormal(x @ torch.randn(n, k, generator=gen)), FIRST_POWER_ITERS)
@@ -301,7 +304,7 @@ def factor_randomized(x: torch.Tensor, *, rank: int | None = None, energy: float
             top_bound = SpectralNormBound(_Operator(x), gen).advance(PROBE_STEPS[-1]).upper  # σ_i ≤ σ_1 ≤ this
         del sk, probes
         grow = oversample if rank is not None or r is not None else q.shape[1]
-        if 2 * (q.shape[1] + grow) >= full:
+        if q.shape[1] + grow > MAX_SKETCH_SHARE * full:
             break
         q = _orthonormal(torch.cat([q, x @ torch.randn(n, grow, generator=gen)], dim=1))
         q = _power(x, q, POWER_STEP)
