@@ -102,3 +102,42 @@ def test_job_failing_every_attempt_ends_failed_with_last_error(tmp_path, tiny_mo
         assert states == ["queued", "running", "recovering", "running", "failed"]
     finally:
         stack.stop()
+
+
+def test_stopping_a_worker_hands_its_job_back(farm_stack, tiny_model_dir, tmp_path):
+    """SIGTERM to a worker's process group (what the supervisor sends): the runner is stopped, the job goes back to
+    `recovering` at once (no lease to wait out) and another worker finishes it from its checkpoint."""
+    from farm.tiny import write_dataset
+
+    settings = farm_stack.settings
+    data = write_dataset(tmp_path / "chat.jsonl", "chat", n=64, seed=3)
+    worker = farm_stack.start_worker(name="leaving")
+    job = service.submit_job(write_spec(tmp_path / "job.yaml", tiny_model_dir, data, max_steps=400,
+                                        checkpoint_every=2), settings=settings)
+    deadline = time.monotonic() + 300
+    while True:
+        with session_scope(settings.database_url) as session:
+            if repo.latest_checkpoint(session, job.id) is not None:
+                break
+        assert time.monotonic() < deadline, farm_stack.worker_logs()
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.wait(timeout=120)
+    view = service.get_job(job.id, settings=settings)
+    assert view.state == "recovering" and view.error.code == "worker_stopped", farm_stack.worker_logs()
+    assert runner_processes(farm_stack.root) == []
+
+    farm_stack.start_worker(name="next")
+
+    def resumed_logs():
+        return [e.data["message"] for e in service.job_events(job.id, settings=settings)
+                if e.type == "log" and e.attempt == 2 and "resumed from" in e.data.get("message", "")]
+
+    deadline = time.monotonic() + 300
+    while not resumed_logs():
+        assert time.monotonic() < deadline, farm_stack.worker_logs()
+        time.sleep(0.2)
+    assert "at step" in resumed_logs()[0]
+    service.cancel_job(job.id, settings=settings)  # 400 steps are not needed to see it resume
+    final = service.wait_for_job(job.id, timeout=120, settings=settings)
+    assert final.state == "cancelled" and final.attempt == 2

@@ -9,7 +9,7 @@ import threading
 
 import signal
 
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 
 from farm.catalog import repository as repo
 from farm.catalog.session import session_scope
@@ -42,10 +42,13 @@ def run_job(self, job_id: str) -> dict:
 
     global _current_run
     _current_run = JobRun(claim, settings, on_progress=relay)
+    # billiard resets signal handlers after worker_process_init, so the handler goes in here, around the job.
+    previous = signal.signal(signal.SIGTERM, _stop_current_run)
     try:
         state = _current_run.run()
     finally:
         _current_run = None
+        signal.signal(signal.SIGTERM, previous)
     log.info("job %s attempt %d ended %s", job_id, claim.attempt, state)
     return {"job_id": job_id, "attempt": claim.attempt, "state": state}
 
@@ -59,11 +62,6 @@ def _stop_current_run(signum, frame):
     if run is None:
         raise SystemExit(0)
     run.stop_requested.set()
-
-
-@worker_process_init.connect
-def _install_sigterm_handler(**_):
-    signal.signal(signal.SIGTERM, _stop_current_run)
 
 
 def _reaper_loop(stop: threading.Event) -> None:
