@@ -37,8 +37,17 @@ def run_job(self, job_id: str) -> dict:
         log.info("job %s: not claimable (already taken, finished or cancelled); skipping", job_id)
         return {"job_id": job_id, "skipped": True}
 
+    # Progress arrives on the runner-reader thread, where Celery's task request (thread-local) is not set, so the
+    # event dispatcher is opened here with the request's id and hostname and used only by that thread.
+    request_id, hostname = self.request.id, self.request.hostname
+    connection = self.app.connection_for_write()
+    dispatcher = self.app.events.Dispatcher(connection, hostname=hostname, enabled=True)
+
     def relay(progress: dict) -> None:
-        self.send_event(PROGRESS_EVENT, job_id=job_id, attempt=claim.attempt, **progress)
+        try:
+            dispatcher.send(PROGRESS_EVENT, uuid=request_id, job_id=job_id, attempt=claim.attempt, **progress)
+        except Exception as exc:  # progress on the bus is a courtesy; the catalog has it anyway
+            log.debug("progress event not sent: %s", exc)
 
     global _current_run
     _current_run = JobRun(claim, settings, on_progress=relay)
@@ -49,6 +58,8 @@ def run_job(self, job_id: str) -> dict:
     finally:
         _current_run = None
         signal.signal(signal.SIGTERM, previous)
+        dispatcher.close()
+        connection.release()
     log.info("job %s attempt %d ended %s", job_id, claim.attempt, state)
     return {"job_id": job_id, "attempt": claim.attempt, "state": state}
 

@@ -28,7 +28,8 @@ Why the bound is sound (notation: θ_i = squared singular values of Q^T·dW, des
    γ is also capped by the deterministic ||R||_F².
 
 The probes are drawn independently of Q, and the bound is evaluated at a few step counts q (2, 4, 8, 16): by
-the union bound the reported rho holds with probability ≥ 1 − 7e-6 per layer (4 checks for τ, 4 for ||dW||_2).
+the union bound the reported rho holds with probability ≥ 1 − 2e-5 per layer (at most 4 rounds × 4 step counts
+for τ, one bound on ||dW||_2).
 When it exceeds the target (1.01), the probe steps are continued if a perfect γ would pass, otherwise the subspace
 is widened and power-iterated again; after a few rounds the layer falls back to the exact SVD.
 
@@ -44,8 +45,8 @@ from dataclasses import dataclass
 import torch
 
 RHO_TARGET = 1.01
-# Dixon's lemma: the bound on ||R||_2 fails with probability ALPHA ** -PROBES (8e-7). Many probes with a small
-# alpha cost about the same passes over the matrix as few probes with a large one, and give a tighter bound.
+# Dixon's lemma: the bound on ||R||_2 fails with probability ALPHA ** -PROBES (8e-7). 16 probes with a small alpha
+# give a tighter bound than a few probes with a large one, at a cost of the same passes over the matrix.
 DIXON_ALPHA = 2.41
 DIXON_PROBES = 16
 PROBE_STEPS = (2, 4, 8, 16)

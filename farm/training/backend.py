@@ -1,16 +1,18 @@
 """The training backend: the one seam between the loop and how gradients become updates.
 
-The loop (farm.training.loop) only calls `loss_sum`, `backward`, `step`, `lr`, `train`/`eval`, and the
-checkpoint code calls `save_state`/`load_state` (optimizer and schedule, in the backend's own layout); both ask
-`is_main_process` before writing anything. `TorchBackend` does it in plain
-PyTorch in one process. A DeepSpeed backend provides the same methods around a `deepspeed.initialize` engine
-(`engine(...)`, `engine.backward`, `engine.step`) and reports `is_main_process` for rank 0 only.
+The loop (farm.training.loop) only calls `shard`, `loss_sum`, `backward`, `step`, `all_sum`, `lr`,
+`train`/`eval`, and the checkpoint code calls `save_state`/`load_state` (optimizer and schedule, in the backend's own
+layout), `gathered_adapter` and `barrier`; both ask `is_main_process` before writing what one process writes.
+`TorchBackend` does it in plain PyTorch in one process (sharding, sums and barriers are no-ops).
+`farm.training.deepspeed_backend.DeepSpeedBackend` provides the same methods around a `deepspeed.initialize`
+engine for a job of several processes, and reports `is_main_process` for rank 0 only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from farm.errors import ResourceError
@@ -38,6 +40,7 @@ class TorchBackend:
 
     is_main_process = True
     world_size = 1
+    rank = 0
 
     def __init__(self, model, params, total_steps: int, device):
         """`params` is the spec's TrainingParams; `total_steps` sizes the LR schedule."""
@@ -58,9 +61,34 @@ class TorchBackend:
     def eval(self) -> None:
         self.model.eval()
 
+    def shard(self, rows: list) -> list:
+        """This process's part of a micro-batch: all of it."""
+        return rows
+
     def loss_sum(self, batch):
         """Forward one micro-batch; the summed token loss."""
         return loss_sum(self.model, batch.to(self.device))
+
+    def all_sum(self, tensor):
+        """The sum of `tensor` over all processes: itself."""
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def gathered_adapter(self, modify: bool = False):
+        """The adapter weights are whole here already."""
+        return nullcontext()
+
+    def base_params_checksum(self) -> str:
+        """The frozen base's checksum (farm.training.integrity)."""
+        from farm.training.integrity import base_params_checksum
+
+        return base_params_checksum(self.model)
+
+    def describe(self) -> dict:
+        """How the job was spread, for the provenance."""
+        return {"processes": 1}
 
     def backward(self, loss) -> None:
         loss.backward()
@@ -98,11 +126,24 @@ class TorchBackend:
         self.scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
 
 
+def process_count() -> int:
+    """How many processes run this job (WORLD_SIZE, set by the multi-process launcher; 1 without one)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise ResourceError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; the launcher sets it "
+                            "(workers/distributed.py)") from None
+
+
 def make_backend(model, spec, total_steps: int, device):
-    """The backend for this process: plain PyTorch, the only one so far (multi-process ZeRO plugs in here)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
+    """The backend for this process: plain PyTorch in one process, DeepSpeed ZeRO across several."""
+    world_size = process_count()
+    if world_size == 1:
+        return TorchBackend(model, spec.training, total_steps, device)
+    if spec.deepspeed is None:
         raise ResourceError(
-            f"this runner was started as one of {world_size} processes, but multi-process (DeepSpeed) training is "
-            "not available in this farm version; set resources to one device")
-    return TorchBackend(model, spec.training, total_steps, device)
+            f"this runner was started as one of {world_size} processes, but the spec has no `deepspeed:` section; "
+            "add one (stage 2 or 3) or set resources to one device")
+    from farm.training.deepspeed_backend import DeepSpeedBackend
+
+    return DeepSpeedBackend(model, spec, total_steps, device)

@@ -3,13 +3,16 @@
 Layout::
 
     step-<k>/adapter/                 adapter_config.json + adapter_model.safetensors (peft save_pretrained)
-    step-<k>/optimizer.pt, scheduler.json   the backend's state (farm.training.backend)
+    step-<k>/optimizer.pt, scheduler.json   the backend's state (farm.training.backend); with several processes,
+                                      one optimizer-rank<r>-of<n>.pt per process (farm.training.deepspeed_backend)
     step-<k>/rng_state.safetensors    torch RNG states (CPU and each GPU)
     step-<k>/trainer_state.json       step, data position (epoch, step and batch index in it), counters,
                                       metrics history, python and numpy RNG states, dataset sha256
 
 A checkpoint is written to `step-<k>.tmp/` and renamed into place, so a process killed mid-write never leaves a
 folder that looks complete. Nothing is pickled except the optimizer's tensors, loaded with `weights_only`.
+With several processes every one of them calls save_checkpoint: each writes its optimizer partition, the main
+process the rest, and the folder is renamed (then announced) only after all have written.
 """
 
 from __future__ import annotations
@@ -63,29 +66,38 @@ def restore_rng(json_part: dict, tensors: dict) -> None:
 
 
 def save_checkpoint(checkpoint_dir: str | Path, model, backend, state: TrainState, extra: dict | None = None) -> Path:
-    """Write step-<state.step>/ under checkpoint_dir (atomically); return its path. Main process only."""
+    """Write step-<state.step>/ under checkpoint_dir (atomically); return its path. Every process calls it."""
     from safetensors.torch import save_file
 
     final = Path(checkpoint_dir) / f"step-{state.step}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / ADAPTER_DIR)
+    main = backend.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    backend.barrier()  # the folder exists before anyone writes into it
+    with backend.gathered_adapter():
+        if main:
+            model.save_pretrained(tmp / ADAPTER_DIR)
     backend.save_state(tmp)
-    rng_json, rng_tensors = capture_rng()
-    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
-    doc = {
-        "format_version": FORMAT_VERSION,
-        # The position of the next micro-batch, for people reading the file; resume uses the state below.
-        "batch_index": state.step_in_epoch * (extra or {}).get("grad_accum", 1),
-        "state": state.to_dict(),
-        "rng": rng_json,
-        **(extra or {}),
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if main:
+        rng_json, rng_tensors = capture_rng()
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / RNG_FILE))
+        doc = {
+            "format_version": FORMAT_VERSION,
+            # The position of the next micro-batch, for people reading the file; resume uses the state below.
+            "batch_index": state.step_in_epoch * (extra or {}).get("grad_accum", 1),
+            "processes": backend.world_size,
+            "state": state.to_dict(),
+            "rng": rng_json,
+            **(extra or {}),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
+    backend.barrier()  # every process's part is on disk before the folder looks complete
+    if main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
     return final
 
 
@@ -117,16 +129,22 @@ def load_checkpoint(path: str | Path, model, backend, *, dataset_sha256: str, st
 
     path = Path(path)
     doc = read_checkpoint(path)
+    saved_by = doc.get("processes", 1)
+    if saved_by != backend.world_size:
+        raise StoreError(f"{path}: the checkpoint was written by {saved_by} process(es) and this run has "
+                         f"{backend.world_size}; resume with the job's own resources or start the job again")
     if doc.get("dataset_sha256") != dataset_sha256 or doc.get("steps_per_epoch") != steps_per_epoch:
         raise DatasetError(
             f"{path}: the checkpoint was made on other data (dataset sha256 {str(doc.get('dataset_sha256'))[:12]}…, "
             f"{doc.get('steps_per_epoch')} steps per epoch; now {dataset_sha256[:12]}…, {steps_per_epoch}); "
             "resume only with the job's own dataset and batch settings", field="dataset.path")
     weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
+    with backend.gathered_adapter(modify=True):
+        result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise StoreError(f"{path}: checkpoint adapter weights do not fit this model "
                          f"(unexpected: {', '.join(result.unexpected_keys[:5])})")
-    backend.load_state(path)
     restore_rng(doc["rng"], load_file(str(path / RNG_FILE)))
+    # After the shared RNG: a multi-process backend puts back each process's own torch RNG state.
+    backend.load_state(path)
     return TrainState.from_dict(doc["state"])

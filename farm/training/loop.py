@@ -4,7 +4,11 @@ Data order is a function of (seed, epoch) only, and the loop's position is (epoc
 resumed from a checkpoint replays exactly the windows an uninterrupted run would have seen.
 
 Per optimizer step the host waits for the device once (the loss and gradient norm come back together); batch
-counts (tokens, target tokens) are computed on the host while collating.
+counts (tokens, target tokens) are computed on the host from the rows.
+
+With several processes (farm.training.deepspeed_backend) the plan's micro-batches are global ones: each process
+trains on `backend.shard(rows)`, the loss is divided by the whole window's target tokens, and the reported loss is
+summed over processes (`backend.all_sum`), so the numbers are those of one process running the global batch.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from farm.training.data import IGNORE_INDEX
 from farm.training.packing import collate
 
 
@@ -85,20 +90,32 @@ class LoopConfig:
     checkpoint_every: int | None = None
 
 
+def row_counts(rows: list) -> tuple[int, int]:
+    """(tokens, target tokens) of a micro-batch's rows, as collate counts them (labels shifted by one)."""
+    tokens = targets = 0
+    for row in rows:
+        for ex in row:
+            tokens += len(ex.input_ids)
+            targets += sum(label != IGNORE_INDEX for label in ex.labels[1:])
+    return tokens, targets
+
+
 def evaluate(backend, eval_rows: list, cfg: LoopConfig) -> float:
-    """Mean token loss over the eval rows (dropout off, no gradients)."""
+    """Mean token loss over the eval rows (dropout off, no gradients), split over the processes like training."""
     import torch
 
     backend.eval()
     total, n_tokens = None, 0
+    size = cfg.micro_batch_size * backend.world_size
     with torch.no_grad():
-        for k in range(0, len(eval_rows), cfg.micro_batch_size):
-            batch = collate(eval_rows[k:k + cfg.micro_batch_size], cfg.pad_id, packed=cfg.packed, flatten=cfg.flatten)
+        for k in range(0, len(eval_rows), size):
+            rows = eval_rows[k:k + size]
+            batch = collate(backend.shard(rows), cfg.pad_id, packed=cfg.packed, flatten=cfg.flatten)
             loss = backend.loss_sum(batch)
             total = loss if total is None else total + loss
-            n_tokens += batch.target_tokens
+            n_tokens += row_counts(rows)[1]
     backend.train()
-    return total.item() / max(n_tokens, 1)
+    return backend.all_sum(total).item() / max(n_tokens, 1)
 
 
 def perplexity(loss: float) -> float:
@@ -112,8 +129,8 @@ def train(backend, plan: EpochPlan, eval_rows: list, cfg: LoopConfig, state: Tra
           on_checkpoint: Callable[[TrainState], None] | None = None) -> TrainState:
     """Run optimizer steps from `state` up to cfg.total_steps (or an early stop); return the final state.
 
-    Emits `progress` after every step and `eval` after every evaluation; calls on_checkpoint(state) every
-    cfg.checkpoint_every steps. `emit` and `on_checkpoint` are only called on the main process.
+    Emits `progress` after every step and `eval` after every evaluation (main process only); calls
+    on_checkpoint(state) every cfg.checkpoint_every steps in every process (each writes its part of a checkpoint).
     """
     import torch
 
@@ -127,8 +144,10 @@ def train(backend, plan: EpochPlan, eval_rows: list, cfg: LoopConfig, state: Tra
             windows, windows_epoch = plan.windows(state.epoch), state.epoch
         window = windows[state.step_in_epoch]
         t0 = time.perf_counter()
-        batches = [collate(rows, cfg.pad_id, packed=cfg.packed, flatten=cfg.flatten) for rows in window]
-        n_target = max(sum(b.target_tokens for b in batches), 1)
+        batches = [collate(backend.shard(rows), cfg.pad_id, packed=cfg.packed, flatten=cfg.flatten)
+                   for rows in window]
+        counts = [row_counts(rows) for rows in window]
+        n_target = max(sum(c[1] for c in counts), 1)
         lr = backend.lr
         acc = None
         for batch in batches:
@@ -136,10 +155,11 @@ def train(backend, plan: EpochPlan, eval_rows: list, cfg: LoopConfig, state: Tra
             backend.backward(loss)
             acc = loss.detach() if acc is None else acc + loss.detach()
         norm = backend.step()
+        acc = backend.all_sum(acc)
         # The one host-device sync of the step.
         values = (torch.stack([acc, norm.to(acc.device, acc.dtype)]) if norm is not None else acc.reshape(1)).tolist()
         dt = time.perf_counter() - t0
-        tokens = sum(b.tokens for b in batches)
+        tokens = sum(c[0] for c in counts)
 
         state.step += 1
         steps_this_run += 1
@@ -161,7 +181,7 @@ def train(backend, plan: EpochPlan, eval_rows: list, cfg: LoopConfig, state: Tra
 
         if eval_rows and cfg.eval_every and state.step % cfg.eval_every == 0:
             _evaluate_and_record(backend, eval_rows, cfg, state, say)
-        if main and on_checkpoint and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+        if on_checkpoint and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             on_checkpoint(state)
 
     last = state.last_eval

@@ -5,6 +5,9 @@ base and attach the adapter; check that only LoRA weights are trainable and chec
 (resuming from a checkpoint when the job says so); check the base again; save the adapter and its metrics; emit
 `done` with metrics and provenance. Every failure a user can cause raises a FarmError with a clear message; the
 runner entry (workers/runner.py) turns it into an `error` event.
+
+Under the multi-process launcher (workers/distributed.py) every process runs all of this on its share of each
+global batch (farm.training.deepspeed_backend); only rank 0 emits events and writes the adapter.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     """Train the job's adapter into job["output_dir"]; report through emit(event) (farm.runner_protocol events)."""
     from farm.training import checkpoint as ckpt
     from farm.training import integrity
-    from farm.training.backend import make_backend
+    from farm.training.backend import make_backend, process_count
     from farm.training.data import prepare_data
     from farm.training.loop import EpochPlan, LoopConfig, TrainState, total_steps, train
     from farm.training.model import build_model, check_model_config, load_tokenizer, training_device
@@ -95,7 +98,8 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     trainable, total = integrity.check_only_adapter_trainable(model)
     base_checksum = integrity.base_params_checksum(model)
     rows = to_rows(data.train, params.max_seq_len, params.packing)
-    plan = EpochPlan(rows, params.micro_batch_size, params.grad_accum, params.seed)
+    # With N processes a step trains on the global batch of one process with micro_batch_size x N.
+    plan = EpochPlan(rows, params.micro_batch_size * process_count(), params.grad_accum, params.seed)
     steps = total_steps(plan, params)
     backend = make_backend(model, spec, steps, device)
     state, resumed_at = TrainState(), None
@@ -119,21 +123,24 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
         path = ckpt.save_checkpoint(job["checkpoint_dir"], model, backend, st, checkpoint_extra)
         say({"type": "checkpoint", "step": st.step, "path": str(path)})
 
+    spread = f" x {backend.world_size} processes" if backend.world_size > 1 else ""
     say({"type": "log", "message": f"training {steps} steps ({plan.steps_per_epoch} per epoch, {len(rows)} rows"
-                                   f"{' packed' if params.packing else ''}) on {device}"})
+                                   f"{' packed' if params.packing else ''}) on {device}{spread}"})
     eval_rows = to_rows(data.eval, params.max_seq_len, params.packing)
     state = train(backend, plan, eval_rows, cfg, state, say, on_checkpoint)
     t = clock.phase("train", t)
 
-    integrity.check_only_adapter_trainable(model)
-    integrity.verify_base_unchanged(base_checksum, integrity.base_params_checksum(model))
+    integrity.verify_base_unchanged(base_checksum, backend.base_params_checksum())
     metrics = summary_metrics(state)
-    if backend.is_main_process:
-        _save_outputs(model, Path(job["output_dir"]), state, metrics)
+    with backend.gathered_adapter():  # every process enters: ZeRO-3 gathers the partitioned LoRA weights
+        integrity.check_only_adapter_trainable(model)
+        if backend.is_main_process:
+            _save_outputs(model, Path(job["output_dir"]), state, metrics)
     clock.phase("save", t)
 
     provenance = _provenance(job, spec, hashes, stats, clock, resumed_at, {
         "base_params_checksum": base_checksum, "trainable_params": trainable, "total_params": total})
+    provenance["distributed"] = backend.describe()
     say({"type": "done", "metrics": metrics, "provenance": provenance})
 
 

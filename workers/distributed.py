@@ -1,0 +1,211 @@
+"""The launcher of a multi-process (DeepSpeed ZeRO) job: `python -m workers.distributed --nproc N JOB_FILE`.
+
+It starts N ranks of `python -m workers.runner JOB_FILE` on this host, with RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and a free MASTER_PORT, and watches them. Why not torchrun or the deepspeed launcher:
+
+- **Cancel kills every rank.** The ranks stay in the launcher's process group, which is the group the supervising
+  task (workers/job_run.py) kills. torchrun starts each rank in a session of its own, so killing the group leaves
+  the ranks running. Each rank also gets SIGKILL if the launcher dies (a worker killed with -9).
+- **One failure ends the job at once.** When a rank exits with an error the others are stopped (they would wait
+  in a collective until its timeout), and the launcher exits with that rank's status.
+- **Parseable output.** Each rank writes to its own pipe and the launcher relays whole lines: rank 0's unchanged
+  (its `@@farm ` events), the others' prefixed with `[rank r] `, so they are log lines whatever they print. When a
+  rank other than 0 fails with an `error` event and rank 0 reported none, the launcher emits that error.
+
+CPU jobs (gpus: 0) run with DS_ACCELERATOR=cpu, the gloo backend, and OMP_NUM_THREADS set to each rank's share of
+the worker's CPUs, so N ranks don't oversubscribe the cores. This module never imports torch: the Celery worker
+imports it to build the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+EVENT_PREFIX = "@@farm "  # farm.runner_protocol.EVENT_PREFIX (not imported: keep this module's imports light)
+GRACE_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def distributed_command(job_file: Path, spec: dict, ranks: int, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of a job's launcher, which runs `ranks` processes of workers.runner (see the module)."""
+    env = dict(env)
+    gpus = (spec.get("resources") or {}).get("gpus") or 0
+    cpus = _available_cpus()
+    share = max(1, cpus // ranks)
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        share = min(share, int(env["OMP_NUM_THREADS"]))
+    env["OMP_NUM_THREADS"] = str(share)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if gpus == 0:
+        env.update(DS_ACCELERATOR="cpu", FARM_DIST_BACKEND="gloo", CUDA_VISIBLE_DEVICES="")
+    else:
+        env.pop("DS_ACCELERATOR", None)
+        env.setdefault("FARM_DIST_BACKEND", "nccl")
+    argv = [sys.executable, "-m", "workers.distributed", "--nproc", str(ranks), str(job_file)]
+    return argv, env
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (chosen right before the ranks start, to keep the window small)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def rank_env(base: dict[str, str], rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment torch.distributed's env:// rendezvous reads, for one rank on this host."""
+    return {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _is_error_event(line: str) -> bool:
+    if not line.startswith(EVENT_PREFIX):
+        return False
+    try:
+        event = json.loads(line[len(EVENT_PREFIX):])
+    except json.JSONDecodeError:
+        return False
+    return isinstance(event, dict) and event.get("type") == "error"
+
+
+def _die_with_launcher() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class Launcher:
+    """Runs the ranks, relays their output, stops them all when one fails; `run()` returns the exit status."""
+
+    def __init__(self, job_file: str, nproc: int, out=None):
+        self.job_file = job_file
+        self.nproc = nproc
+        self.out = out or sys.stdout
+        self.procs: list[subprocess.Popen] = []
+        self.relays: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.main_reported_error = False
+        self.rank_errors: dict[int, dict] = {}
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            self.out.write(line if line.endswith("\n") else line + "\n")
+            self.out.flush()
+
+    def _relay(self, rank: int, stream) -> None:
+        for line in stream:
+            if _is_error_event(line):
+                if rank == 0:
+                    self.main_reported_error = True
+                else:
+                    self.rank_errors.setdefault(rank, json.loads(line[len(EVENT_PREFIX):]))
+            self._write(line if rank == 0 else f"[rank {rank}] {line}")
+
+    def start(self) -> None:
+        port = free_port()
+        base = dict(os.environ)
+        for rank in range(self.nproc):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.runner", self.job_file], env=rank_env(base, rank, self.nproc, port),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                preexec_fn=_die_with_launcher)  # same process group as the launcher: cancel reaches every rank
+            self.procs.append(proc)
+            relay = threading.Thread(target=self._relay, args=(rank, proc.stdout), daemon=True)
+            relay.start()
+            self.relays.append(relay)
+
+    def stop_all(self, sig: int = signal.SIGTERM) -> None:
+        """Signal every rank still running, then SIGKILL what is left after GRACE_SECONDS."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + GRACE_SECONDS
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def run(self) -> int:
+        self.start()
+        failed: tuple[int, int] | None = None  # (rank, status)
+        while failed is None:
+            codes = [p.poll() for p in self.procs]
+            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is None and all(c == 0 for c in codes):
+                break
+            if failed is None:
+                time.sleep(0.2)
+        if failed is not None:
+            self.stop_all()
+        for proc in self.procs:
+            proc.wait()
+        for relay in self.relays:  # the ranks' last lines (an error event, say) are written before we decide
+            relay.join(timeout=GRACE_SECONDS)
+        if failed is None:
+            return 0
+        rank, status = failed
+        self._report_failure(rank, status)
+        return status if status > 0 else 128 - status
+
+    def _report_failure(self, rank: int, status: int) -> None:
+        if self.main_reported_error:
+            return
+        event = self.rank_errors.get(rank) or next(iter(self.rank_errors.values()), None)
+        if event is not None:
+            message = f"rank {rank}: {event.get('message', '')}"
+            self._write(EVENT_PREFIX + json.dumps({"type": "error", "code": event.get("code", "runner_crashed"),
+                                                   "message": message}, separators=(",", ":")))
+            return
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        self._write(EVENT_PREFIX + json.dumps({
+            "type": "error", "code": "runner_crashed",
+            "message": f"rank {rank} of {self.nproc} {how}; the other ranks were stopped (see the log lines)"},
+            separators=(",", ":")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ranks of the job named on the command line; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m workers.distributed", description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start on this host")
+    parser.add_argument("job_file", help="the job.json the supervisor wrote")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be 1 or more")
+    launcher = Launcher(args.job_file, args.nproc)
+
+    def on_signal(signum, frame):
+        # The ranks usually got the same signal (the whole group is signalled); make sure, then exit.
+        launcher.stop_all(signal.SIGTERM)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return launcher.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
