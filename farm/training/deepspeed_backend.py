@@ -108,12 +108,13 @@ def _plain(value) -> bool:
     """True for what torch.load(weights_only=True) reads back: tensors, numbers, strings and containers of them."""
     import torch
 
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    # Exact types: an IntEnum (DeepSpeed's ZeroStageEnum) is an int but pickles as its class.
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
         return True
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, (int, str)) and _plain(v) for k, v in value.items())
+    if type(value) is dict:
+        return all(type(k) in (int, str) and _plain(v) for k, v in value.items())
     return False
 
 
