@@ -227,3 +227,10 @@ def test_truncated_shard_is_reported(model):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ModelError, match=r"model\.safetensors: tensor .* lies outside the file \(truncated download"):
         model_files.read_tensor_index(model)
+
+
+def test_training_and_extraction_hash_a_base_model_alike(tiny_model_dir):
+    """One base model, one hash in provenance, whatever kind of job recorded it."""
+    from farm.training.integrity import weight_file_digests
+
+    assert weight_file_digests(tiny_model_dir) == model_files.sha256_weights(tiny_model_dir)

@@ -14,33 +14,34 @@ from pathlib import Path
 
 from farm.errors import IntegrityError, ModelError
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # Names peft gives adapter weights (LoRA A/B, embedding variants, DoRA magnitudes).
 ADAPTER_MARKERS = ("lora_",)
-_CHUNK = 1 << 20
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a file's bytes (the store's streaming digest, so every part of the farm hashes alike)."""
+    from farm.store.base import sha256_file
+
+    return sha256_file(path)
 
 
 def weight_file_digests(model_dir: str | Path) -> tuple[str, dict[str, str]]:
-    """(one digest over all weight files, {relative name: sha256}) for a model folder.
+    """(one digest over all weight files, {name: sha256}) for a model folder: the base model's hash in provenance.
 
-    The combined digest is the sha256 of the sorted "name sha256" lines, so it names the files as well as
-    their bytes.
+    Safetensors models are hashed by farm.model_files.sha256_weights, the same function extraction jobs use, so a
+    base model has one hash whatever the job. Legacy *.bin checkpoints are hashed the same way (sorted
+    "name sha256" lines).
     """
+    from farm import model_files
+
     model_dir = Path(model_dir)
-    files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.rglob(pattern) if p.is_file()})
+    if any(model_dir.glob("*.safetensors")):
+        return model_files.sha256_weights(model_dir)
+    files = sorted(p for p in model_dir.glob("*.bin") if p.is_file())
     if not files:
         raise ModelError(f"{model_dir}: no weight files (*.safetensors or *.bin) in the base model folder",
                          field="base_model")
-    per_file = {p.relative_to(model_dir).as_posix(): file_sha256(p) for p in files}
+    per_file = {p.name: file_sha256(p) for p in files}
     listing = "".join(f"{name} {sha}\n" for name, sha in sorted(per_file.items()))
     return hashlib.sha256(listing.encode()).hexdigest(), per_file
 
