@@ -192,6 +192,11 @@ class TrainSpec(_Spec):
             and self.deepspeed.offload_params
         ):
             raise ValueError("ZeRO-3 parameter offload does not work with 4-bit weights: drop offload_params")
+        if self.deepspeed is not None and devices == 1:
+            # One process has nothing to shard with, and the farm runs one-device jobs without DeepSpeed: the
+            # section would be silently ignored.
+            raise ValueError("a `deepspeed:` section needs more than one device: set resources.cpu_slots (CPU, "
+                             "gpus: 0) or resources.gpus to 2 or more, or remove the section")
         return self
 
 

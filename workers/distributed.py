@@ -6,11 +6,12 @@ MASTER_ADDR and a free MASTER_PORT, and watches them. Why not torchrun or the de
 - **Cancel kills every rank.** The ranks stay in the launcher's process group, which is the group the supervising
   task (workers/job_run.py) kills. torchrun starts each rank in a session of its own, so killing the group leaves
   the ranks running. Each rank also gets SIGKILL if the launcher dies (a worker killed with -9).
-- **One failure ends the job at once.** When a rank exits with an error the others are stopped (they would wait
-  in a collective until its timeout), and the launcher exits with that rank's status.
+- **One failure ends the job at once, and says which.** When a rank exits with an error the others are stopped
+  (they would wait in a collective until its timeout), and the launcher exits with the status of the rank that
+  failed first. When that is not rank 0 (whose error, if any, is then only a broken collective), the launcher
+  emits the `error` event: that rank's own error, or how it died.
 - **Parseable output.** Each rank writes to its own pipe and the launcher relays whole lines: rank 0's unchanged
-  (its `@@farm ` events), the others' prefixed with `[rank r] `, so they are log lines whatever they print. When a
-  rank other than 0 fails with an `error` event and rank 0 reported none, the launcher emits that error.
+  (its `@@farm ` events), the others' prefixed with `[rank r] `, so they are log lines whatever they print.
 
 CPU jobs (gpus: 0) run with DS_ACCELERATOR=cpu, the gloo backend, and OMP_NUM_THREADS set to each rank's share of
 the worker's CPUs, so N ranks don't oversubscribe the cores. This module never imports torch: the Celery worker
@@ -102,6 +103,7 @@ class Launcher:
         self.out = out or sys.stdout
         self.procs: list[subprocess.Popen] = []
         self.relays: list[threading.Thread] = []
+        self.exited_at: dict[int, float] = {}
         self._lock = threading.Lock()
         self.main_reported_error = False
         self.rank_errors: dict[int, dict] = {}
@@ -132,6 +134,11 @@ class Launcher:
             relay = threading.Thread(target=self._relay, args=(rank, proc.stdout), daemon=True)
             relay.start()
             self.relays.append(relay)
+            threading.Thread(target=self._note_exit, args=(rank, proc), daemon=True).start()
+
+    def _note_exit(self, rank: int, proc: subprocess.Popen) -> None:
+        proc.wait()
+        self.exited_at[rank] = time.monotonic()
 
     def stop_all(self, sig: int = signal.SIGTERM) -> None:
         """Signal every rank still running, then SIGKILL what is left after GRACE_SECONDS."""
@@ -151,40 +158,39 @@ class Launcher:
 
     def run(self) -> int:
         self.start()
-        failed: tuple[int, int] | None = None  # (rank, status)
-        while failed is None:
+        while True:
             codes = [p.poll() for p in self.procs]
-            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
-            if failed is None and all(c == 0 for c in codes):
+            if any(c not in (None, 0) for c in codes):
+                self.stop_all()
                 break
-            if failed is None:
-                time.sleep(0.2)
-        if failed is not None:
-            self.stop_all()
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
         for proc in self.procs:
             proc.wait()
         for relay in self.relays:  # the ranks' last lines (an error event, say) are written before we decide
             relay.join(timeout=GRACE_SECONDS)
-        if failed is None:
+        failed = [r for r, p in enumerate(self.procs) if p.returncode != 0]
+        if not failed:
             return 0
-        rank, status = failed
-        self._report_failure(rank, status)
+        first = min(failed, key=lambda r: (self.exited_at.get(r, float("inf")), r))
+        status = self.procs[first].returncode
+        self._report_failure(first, status)
         return status if status > 0 else 128 - status
 
     def _report_failure(self, rank: int, status: int) -> None:
-        if self.main_reported_error:
+        """Emit the job's error event unless rank 0 failed first and said why itself (see the module)."""
+        if rank == 0 and self.main_reported_error:
             return
-        event = self.rank_errors.get(rank) or next(iter(self.rank_errors.values()), None)
+        event = self.rank_errors.get(rank)
         if event is not None:
-            message = f"rank {rank}: {event.get('message', '')}"
-            self._write(EVENT_PREFIX + json.dumps({"type": "error", "code": event.get("code", "runner_crashed"),
-                                                   "message": message}, separators=(",", ":")))
-            return
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        self._write(EVENT_PREFIX + json.dumps({
-            "type": "error", "code": "runner_crashed",
-            "message": f"rank {rank} of {self.nproc} {how}; the other ranks were stopped (see the log lines)"},
-            separators=(",", ":")))
+            code, message = event.get("code", "runner_crashed"), f"rank {rank}: {event.get('message', '')}"
+        else:
+            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            code, message = "runner_crashed", (f"rank {rank} of {self.nproc} {how}; the other ranks were stopped "
+                                               "(see the log lines)")
+        self._write(EVENT_PREFIX + json.dumps({"type": "error", "code": code, "message": message},
+                                              separators=(",", ":")))
 
 
 def main(argv: list[str] | None = None) -> int:

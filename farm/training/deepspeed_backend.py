@@ -40,8 +40,6 @@ from farm.errors import ResourceError, StoreError
 
 SCHEDULER_FILE = "scheduler.json"
 SHARD_FILE = "optimizer-rank{rank}-of{world}.pt"
-# Never print DeepSpeed's step reports (they would fill the supervisor's log tail).
-_NO_STEP_REPORTS = 2**62
 
 
 def deepspeed_config(spec, world_size: int, on_gpu: bool = False) -> dict:
@@ -65,7 +63,7 @@ def deepspeed_config(spec, world_size: int, on_gpu: bool = False) -> dict:
         # torch AdamW, the one-process optimizer, also under offload (DeepSpeedCPUAdam needs a compiled op).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": _NO_STEP_REPORTS,
+        "steps_per_print": None,  # no step reports: the loop's progress events say it, once
         "wall_clock_breakdown": False,
     }
 
