@@ -7,7 +7,7 @@ from typing import Iterable
 
 from pydantic import BaseModel
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from farm.schemas import AdapterPublic, JobPublic
@@ -30,8 +30,12 @@ def _progress_text(p: dict | None) -> str:
     parts = [f"{p.get('step', '?')}/{p.get('total_steps', '?')}"]
     if p.get("loss") is not None:
         parts.append(f"loss {p['loss']:.4f}")
+    if p.get("lr") is not None:
+        parts.append(f"lr {p['lr']:.2e}")
     if p.get("tokens_per_s"):
         parts.append(f"{p['tokens_per_s']:.0f} tok/s")
+    if p.get("eta_s") is not None:
+        parts.append(f"eta {p['eta_s']:.0f}s")
     return "  ".join(parts)
 
 
@@ -49,9 +53,7 @@ def job_detail(job: JobPublic) -> None:
                   f"submitted by {job.submitted_by or '-'}")
     if job.progress:
         p = job.progress
-        extra = f"  lr {p['lr']:.2e}" if p.get("lr") is not None else ""
-        eta = f"  eta {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
-        console.print(f"progress {_progress_text(p)}{extra}{eta}")
+        console.print(f"progress {_progress_text(p)}")
     if job.adapter:
         console.print(f"adapter [green]{job.adapter}[/green]")
     if job.error:
@@ -97,7 +99,7 @@ class JobProgress:
         self.progress = Progress(
             TextColumn("[bold]{task.fields[state]}[/bold]"), BarColumn(),
             TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+            TimeElapsedColumn(), console=err_console, transient=False)
         self.task = self.progress.add_task(job_id, total=None, state="queued", info="")
 
     def __enter__(self):

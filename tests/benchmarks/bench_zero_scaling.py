@@ -90,7 +90,7 @@ def main() -> None:
             for n in results:
                 results[n].append(run_once(make_job(root / f"n{n}-{i}", model, data, args, n)))
 
-    device = "GPU" if args.gpu else "CPU process"
+    device, devices = ("GPU", "GPUs") if args.gpu else ("CPU process", "CPU processes")
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.bits}-bit base; {args.steps} steps, global "
           f"batch {args.micro_batch_size * args.processes} rows; ZeRO-{args.stage}; {args.repeats} repeats; "
           f"{os.cpu_count()} CPUs")
@@ -98,7 +98,7 @@ def main() -> None:
     for n, runs in results.items():
         tps = statistics.median(r["tokens_per_s"] for r in runs)
         medians[n] = tps
-        label = f"{n} {device}{'s' if n > 1 else ''}" + (f" (ZeRO-{args.stage})" if n > 1 else "")
+        label = f"{n} {devices if n > 1 else device}" + (f" (ZeRO-{args.stage})" if n > 1 else "")
         each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
         print(f"{label:>24}: {tps:8.0f} tokens/s (runs: {each}); "
               f"job total {statistics.median(r['total_seconds'] for r in runs):.1f} s; "
