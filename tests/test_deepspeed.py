@@ -28,10 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs" / "deepspeed"
 
 
-def spec_dict(model_dir, data, *, stage=2, bits=4, slots=2, deepspeed=None, **training) -> dict:
+def spec_dict(model_dir, data, *, stage=2, bits=4, slots=2, deepspeed=None, dataset=None, **training) -> dict:
     return {
         "kind": "train", "name": "zero-bot", "base_model": str(model_dir),
-        "dataset": {"path": str(data), "format": "chat"},
+        "dataset": {"path": str(data), "format": "chat", **(dataset or {})},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "quantization": {"bits": bits, "type": "nf4", "compute_dtype": "float32"},
         "training": {"max_steps": 8, "lr": 5e-3, "micro_batch_size": 2, "max_seq_len": 96, "seed": 7, **training},
@@ -350,19 +350,23 @@ def test_zero3_two_processes_train_4bit_qlora_and_save_a_whole_adapter(tiny_mode
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one_process_with_the_global_batch(tiny_model_dir, tmp_path):
     """2 ranks x micro-batch 2 == 1 process x micro-batch 4, with accumulation, a short last window (one rank gets
-    a stand-in row) and a second epoch."""
+    a stand-in row), a second epoch, and evaluation (9 held-out rows: the last eval batch has one row)."""
     from farm.tiny import write_dataset
 
     data = write_dataset(tmp_path / "chat.jsonl", "chat", n=45, seed=2)
-    common = dict(max_steps=None, epochs=2, grad_accum=2, lr_scheduler="cosine", warmup_steps=1)
+    common = dict(max_steps=None, epochs=2, grad_accum=2, lr_scheduler="cosine", warmup_steps=1, eval_every=5,
+                  dataset={"eval_fraction": 0.2})
     two = launch(make_job(tmp_path / "two", tiny_model_dir, data, micro_batch_size=2, **common))
     one_job = make_job(tmp_path / "one", tiny_model_dir, data, micro_batch_size=4, **common)
     doc = json.loads(one_job.read_text())
     doc["spec"]["deepspeed"], doc["spec"]["resources"]["cpu_slots"] = None, 1
     one_job.write_text(json.dumps(doc))
     one = launch(one_job)
-    assert len(losses(two)) == len(losses(one)) == 12
+    assert len(losses(two)) == len(losses(one)) == 10  # 36 training rows: 9 global micro-batches, 5 windows
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    evals = lambda events: {e["step"]: e["eval_loss"] for e in events if e["type"] == "eval"}  # noqa: E731
+    assert list(evals(two)) == list(evals(one)) == [5, 10]
+    assert evals(two) == pytest.approx(evals(one), rel=1e-5)
     norms = lambda events: [e["grad_norm"] for e in events if e["type"] == "progress"]  # noqa: E731
     assert norms(two) == pytest.approx(norms(one), rel=1e-5)
     assert two[-1]["metrics"]["tokens"] == one[-1]["metrics"]["tokens"]

@@ -129,6 +129,9 @@ class JobRun:
                 adapter = publish_artifact(self, spec, job_info, job_doc)
             except StaleAttempt:
                 return "lost"
+            except Exception as exc:  # the store or catalog failed mid-publish: the next attempt republishes
+                log.exception("job %s: publishing failed", self.claim.job_id)
+                return self._finish_failed("publish_failed", f"{type(exc).__name__}: {exc}", retry=True)
             log.info("job %s published %s", self.claim.job_id, adapter)
             shutil.rmtree(self.dir, ignore_errors=True)
             return "succeeded"

@@ -3,11 +3,14 @@
 Run:  .venv/bin/python tests/benchmarks/bench_zero_scaling.py [--processes 2] [--stage 2] [--steps 30] [--repeats 3]
       [--hidden 256 --layers 4] [--bits 4] [--gpu]
 
-Both sides run exactly as a worker runs them (workers.launch.runner_command: the runner alone, or the launcher of
-workers/distributed.py starting N ranks) on the same global batch: the one process trains micro-batches of
-`micro_batch_size x N` rows, each of the N processes `micro_batch_size` rows. On the CPU the one process gets all
-the CPUs as torch threads and each rank its share (OMP_NUM_THREADS), so the ratio compares the same cores used two
-ways; with --gpu the sides use 1 and N GPUs (resources.gpus), which measures real data-parallel scaling.
+Every side runs exactly as a worker runs it (workers.launch.runner_command: the runner alone, or the launcher of
+workers/distributed.py starting N ranks) on the same global batch: one process trains micro-batches of
+`micro_batch_size x N` rows, each of the N processes `micro_batch_size` rows (the final losses print equal).
+On the CPU there are two one-process baselines: with every CPU as a torch thread (the same cores used two ways), and
+with one rank's share of them (OMP_NUM_THREADS = CPUs / N: the ratio against it is the data-parallel scaling).
+With --gpu the sides use 1 and N GPUs (resources.gpus), which measures real data-parallel scaling.
+Sides run interleaved, repeat after repeat, and the medians are compared; on a machine shared with other work the
+all-CPUs side suffers most (its OpenMP threads wait on each other when a core is taken), so read its runs too.
 
 Throughput is real tokens over the wall time of the training phase (the runner's `train_seconds`, steps plus
 progress events); startup (imports, process group, deepspeed.initialize) is printed separately as the job's total.
@@ -50,11 +53,13 @@ def make_job(root: Path, model: Path, data: Path, args, processes: int) -> Path:
     return path
 
 
-def run_once(job: Path) -> dict:
+def run_once(job: Path, threads: int | None = None) -> dict:
     from workers.launch import runner_command
 
     argv, env = runner_command(job, json.loads(job.read_text())["spec"])
     env["PYTHONPATH"] = str(REPO_ROOT)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     out = subprocess.run(argv, env=env, cwd=job.parent, capture_output=True, text=True, timeout=3600)
     events = [e for e in map(parse_line, out.stdout.splitlines()) if e is not None]
     if out.returncode != 0 or not events or events[-1]["type"] != "done":
@@ -85,25 +90,30 @@ def main() -> None:
         model = build_tiny_model(root / "model", hidden_size=args.hidden, num_layers=args.layers,
                                  intermediate_size=args.hidden * 2, num_heads=max(1, args.hidden // 32))
         data = write_dataset(root / "chat.jsonl", "chat", n=256, seed=0)
-        results: dict[int, list[dict]] = {1: [], args.processes: []}
-        for i in range(args.repeats):  # interleaved, so a machine that slows down slows both sides
-            for n in results:
-                results[n].append(run_once(make_job(root / f"n{n}-{i}", model, data, args, n)))
+        n, cpus = args.processes, len(os.sched_getaffinity(0))
+        # (label, processes, torch threads per process or None for the farm's own choice)
+        if args.gpu:
+            sides = [("1 GPU", 1, None), (f"{n} GPUs, ZeRO-{args.stage}", n, None)]
+        else:
+            sides = [(f"1 process x {cpus} threads", 1, None),
+                     (f"1 process x {max(1, cpus // n)} threads", 1, max(1, cpus // n)),
+                     (f"{n} processes x {max(1, cpus // n)}, ZeRO-{args.stage}", n, None)]
+        results: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
+        for i in range(args.repeats):  # interleaved, so a machine that slows down slows every side
+            for k, (label, procs, threads) in enumerate(sides):
+                results[label].append(run_once(make_job(root / f"s{k}-{i}", model, data, args, procs), threads))
 
-    device, devices = ("GPU", "GPUs") if args.gpu else ("CPU process", "CPU processes")
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.bits}-bit base; {args.steps} steps, global "
-          f"batch {args.micro_batch_size * args.processes} rows; ZeRO-{args.stage}; {args.repeats} repeats; "
-          f"{os.cpu_count()} CPUs")
+          f"batch {args.micro_batch_size * n} rows; {args.repeats} repeats; {os.cpu_count()} CPUs")
     medians = {}
-    for n, runs in results.items():
-        tps = statistics.median(r["tokens_per_s"] for r in runs)
-        medians[n] = tps
-        label = f"{n} {devices if n > 1 else device}" + (f" (ZeRO-{args.stage})" if n > 1 else "")
+    for label, runs in results.items():
+        medians[label] = statistics.median(r["tokens_per_s"] for r in runs)
         each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
-        print(f"{label:>24}: {tps:8.0f} tokens/s (runs: {each}); "
-              f"job total {statistics.median(r['total_seconds'] for r in runs):.1f} s; "
-              f"final loss {runs[0]['final_loss']:.4f}")
-    print(f"ratio {args.processes} / 1: {medians[args.processes] / medians[1]:.2f}")
+        print(f"{label:>30}: {medians[label]:8.0f} tokens/s (runs: {each}); job total "
+              f"{statistics.median(r['total_seconds'] for r in runs):.1f} s; final loss {runs[0]['final_loss']:.4f}")
+    zero = sides[-1][0]
+    for label, _, _ in sides[:-1]:
+        print(f"ratio {zero} / {label}: {medians[zero] / medians[label]:.2f}")
 
 
 if __name__ == "__main__":
