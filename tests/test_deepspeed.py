@@ -171,7 +171,7 @@ def test_a_refused_spec_leaves_nothing_behind(zero_farm, tiny_model_dir, tmp_pat
 
 
 def test_zero3_with_4bit_weights_and_with_16bit_weights_are_accepted():
-    # Both ran here (tests below, and the drill recorded in the module docstring of deepspeed_backend).
+    # Both ran here (the slow drills below; what was tried is recorded in farm/training/deepspeed_backend.py).
     for bits in (4, 16):
         spec = parse_spec(spec_dict("./m", "d.jsonl", stage=3, bits=bits))
         assert spec.deepspeed.stage == 3 and spec.quantization.bits == bits
@@ -207,6 +207,29 @@ def test_launcher_relays_rank0_events_and_marks_the_other_ranks_lines(tmp_path):
     assert len(events) == 1 and events[0]["type"] == "error" and events[0]["code"] == "invalid_spec"
     assert "nope.json: job file not found" in events[0]["message"]
     assert any(line.startswith("[rank 1] @@farm ") for line in out.stdout.splitlines())
+
+
+def test_launcher_names_the_rank_that_failed_first_unless_rank0_said_the_same():
+    import io
+
+    from workers.distributed import Launcher
+
+    def report(errors: dict, rank: int, status: int) -> list[dict]:
+        launcher = Launcher("job.json", 2, out=io.StringIO())
+        launcher.rank_errors = errors
+        launcher._report_failure(rank, status)
+        return [e for e in map(parse_line, launcher.out.getvalue().splitlines()) if e]
+
+    bad_data = {"type": "error", "code": "invalid_dataset", "message": "d.jsonl:3: not valid JSON"}
+    broken = {"type": "error", "code": "runner_crashed", "message": "gloo: connection closed by peer"}
+    assert report({0: bad_data, 1: bad_data}, 1, 1) == []  # rank 0's own event already says it
+    assert report({0: broken}, 0, 1) == []
+    (killed,) = report({0: broken}, 1, -9)
+    assert killed["code"] == "runner_crashed" and killed["message"].startswith("rank 1 of 2 was killed by signal 9")
+    (own,) = report({0: broken, 1: bad_data}, 1, 1)
+    assert own["code"] == "invalid_dataset" and own["message"] == "rank 1: d.jsonl:3: not valid JSON"
+    (silent,) = report({}, 0, 3)
+    assert silent["message"].startswith("rank 0 of 2 exited with status 3")
 
 
 def test_shard_gives_each_process_its_slice_and_a_loss_free_stand_in_when_empty():
@@ -251,7 +274,7 @@ def reference_spec(source) -> TrainSpec:
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
 def test_reference_configs_are_what_the_farm_builds(name):
-    """To refresh them after changing the builder: FARM_WRITE_DS_CONFIGS=1 pytest tests/test_deepspeed.py -k reference"""
+    """Refresh them after changing the builder: FARM_WRITE_DS_CONFIGS=1 pytest tests/test_deepspeed.py -k reference"""
     from farm.training.deepspeed_backend import deepspeed_config
 
     source, world, on_gpu = REFERENCE_CONFIGS[name]
@@ -400,50 +423,48 @@ def test_a_rank_killed_mid_job_stops_the_others_and_is_named_in_the_error(tiny_m
 
 
 @pytest.mark.slow
-def test_killed_worker_two_process_job_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+def test_killed_worker_two_process_job_resumes_from_its_checkpoint(zero_farm, tiny_model_dir, tmp_path):
     """kill -9 the worker of a running 2-process job: every rank dies with it, another worker resumes from the last
-    checkpoint (each rank's optimizer partition), and the final loss is the uninterrupted run's."""
+    checkpoint (each rank's optimizer partition), and the final loss is the uninterrupted run's.
+
+    It runs on the module's farm (one Redis db serves every farm of a test session): the worker it kills is
+    replaced by the rescuer, which stays for the tests after it."""
     from farm.catalog import repository as repo
     from farm.catalog.session import session_scope
     from farm.tiny import write_dataset
-    from tests.fixtures.farm import make_stack
 
-    stack = make_stack(tmp_path / "farm")
-    try:
-        settings = stack.settings
-        data = write_dataset(tmp_path / "chat.jsonl", "chat", n=48, seed=6)
-        training = dict(max_steps=16, checkpoint_every=4, lr_scheduler="linear", warmup_steps=2)
-        first = stack.start_worker(queue="farm.cpu.2", name="doomed", extra_env={"FARM_CPU_SLOTS": "2"})
-        ref_path = tmp_path / "ref.yaml"
-        ref_path.write_text(yaml.safe_dump({**spec_dict(tiny_model_dir, data, **training), "name": "zero-ref"}))
-        reference = service.wait_for_job(service.submit_job(ref_path, settings=settings).id, timeout=600,
-                                         settings=settings)
-        assert reference.state == "succeeded", (reference.error, stack.worker_logs())
+    settings = zero_farm.settings
+    data = write_dataset(tmp_path / "chat.jsonl", "chat", n=48, seed=6)
+    training = dict(max_steps=16, checkpoint_every=4, lr_scheduler="linear", warmup_steps=2)
+    ref_path = tmp_path / "ref.yaml"
+    ref_path.write_text(yaml.safe_dump({**spec_dict(tiny_model_dir, data, **training), "name": "zero-ref"}))
+    reference = service.wait_for_job(service.submit_job(ref_path, settings=settings).id, timeout=600,
+                                     settings=settings)
+    assert reference.state == "succeeded", (reference.error, zero_farm.worker_logs())
 
-        path = tmp_path / "job.yaml"
-        path.write_text(yaml.safe_dump(spec_dict(tiny_model_dir, data, **training)))
-        job = service.submit_job(path, settings=settings)
-        deadline = time.monotonic() + 300
-        while True:
-            view = service.get_job(job.id, settings=settings)
-            with session_scope(settings.database_url) as session:
-                saved = repo.latest_checkpoint(session, job.id) is not None
-            if saved and (view.progress or {}).get("step", 0) >= 6:
-                break
-            assert view.state in ("queued", "running") and time.monotonic() < deadline, stack.worker_logs()
-            time.sleep(0.2)
-        ranks = [p for p in processes_of(settings.work_dir) if "workers.runner" in " ".join(p.cmdline())]
-        assert len(ranks) == 2
-        stack.kill_worker(first, signal.SIGKILL)
-        gone, alive = psutil.wait_procs(ranks, timeout=30)
-        assert alive == [], "a rank outlived its worker"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**spec_dict(tiny_model_dir, data, **training), "name": "zero-resumed"}))
+    job = service.submit_job(path, settings=settings)
+    deadline = time.monotonic() + 300
+    while True:
+        view = service.get_job(job.id, settings=settings)
+        with session_scope(settings.database_url) as session:
+            saved = repo.latest_checkpoint(session, job.id) is not None
+        if saved and (view.progress or {}).get("step", 0) >= 6:
+            break
+        assert view.state in ("queued", "running") and time.monotonic() < deadline, zero_farm.worker_logs()
+        time.sleep(0.2)
+    ranks = [p for p in processes_of(settings.work_dir) if "workers.runner" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    (doomed,) = [w for w in zero_farm.workers if w.poll() is None]
+    zero_farm.kill_worker(doomed, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    assert alive == [], "a rank outlived its worker"
 
-        stack.start_worker(queue="farm.cpu.2", name="rescuer", extra_env={"FARM_CPU_SLOTS": "2"})
-        final = service.wait_for_job(job.id, timeout=600, settings=settings)
-        assert final.state == "succeeded" and final.attempt == 2, (final.error, stack.worker_logs())
-        adapter = service.get_adapter(final.adapter, settings=settings)
-        assert adapter.provenance["lineage"]["resumed_from_step"] in (4, 8, 12)
-        ref_loss = service.get_adapter(reference.adapter, settings=settings).metrics["final_loss"]
-        assert adapter.metrics["final_loss"] == pytest.approx(ref_loss, rel=1e-4)
-    finally:
-        stack.stop()
+    zero_farm.start_worker(queue="farm.cpu.2", name="rescuer", extra_env={"FARM_CPU_SLOTS": "2"})
+    final = service.wait_for_job(job.id, timeout=600, settings=settings)
+    assert final.state == "succeeded" and final.attempt == 2, (final.error, zero_farm.worker_logs())
+    adapter = service.get_adapter(final.adapter, settings=settings)
+    assert adapter.provenance["lineage"]["resumed_from_step"] in (4, 8, 12)
+    ref_loss = service.get_adapter(reference.adapter, settings=settings).metrics["final_loss"]
+    assert adapter.metrics["final_loss"] == pytest.approx(ref_loss, rel=1e-4)

@@ -9,7 +9,7 @@ MASTER_ADDR and a free MASTER_PORT, and watches them. Why not torchrun or the de
 - **One failure ends the job at once, and says which.** When a rank exits with an error the others are stopped
   (they would wait in a collective until its timeout), and the launcher exits with the status of the rank that
   failed first. When that is not rank 0 (whose error, if any, is then only a broken collective), the launcher
-  emits the `error` event: that rank's own error, or how it died.
+  emits the `error` event: that rank's own error, or how it died (unless rank 0 reported the very same error).
 - **Parseable output.** Each rank writes to its own pipe and the launcher relays whole lines: rank 0's unchanged
   (its `@@farm ` events), the others' prefixed with `[rank r] `, so they are log lines whatever they print.
 
@@ -37,7 +37,8 @@ GRACE_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
-def distributed_command(job_file: Path, spec: dict, ranks: int, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def distributed_command(job_file: Path, spec: dict, ranks: int,
+                        env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """argv and environment of a job's launcher, which runs `ranks` processes of workers.runner (see the module)."""
     env = dict(env)
     gpus = (spec.get("resources") or {}).get("gpus") or 0
@@ -87,6 +88,10 @@ def _is_error_event(line: str) -> bool:
     return isinstance(event, dict) and event.get("type") == "error"
 
 
+def _same_error(a: dict | None, b: dict) -> bool:
+    return a is not None and (a.get("code"), a.get("message")) == (b.get("code"), b.get("message"))
+
+
 def _die_with_launcher() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -105,7 +110,6 @@ class Launcher:
         self.relays: list[threading.Thread] = []
         self.exited_at: dict[int, float] = {}
         self._lock = threading.Lock()
-        self.main_reported_error = False
         self.rank_errors: dict[int, dict] = {}
 
     def _write(self, line: str) -> None:
@@ -116,10 +120,7 @@ class Launcher:
     def _relay(self, rank: int, stream) -> None:
         for line in stream:
             if _is_error_event(line):
-                if rank == 0:
-                    self.main_reported_error = True
-                else:
-                    self.rank_errors.setdefault(rank, json.loads(line[len(EVENT_PREFIX):]))
+                self.rank_errors.setdefault(rank, json.loads(line[len(EVENT_PREFIX):]))
             self._write(line if rank == 0 else f"[rank {rank}] {line}")
 
     def start(self) -> None:
@@ -179,10 +180,10 @@ class Launcher:
         return status if status > 0 else 128 - status
 
     def _report_failure(self, rank: int, status: int) -> None:
-        """Emit the job's error event unless rank 0 failed first and said why itself (see the module)."""
-        if rank == 0 and self.main_reported_error:
-            return
-        event = self.rank_errors.get(rank)
+        """Emit the job's error event unless rank 0 already said why (see the module)."""
+        event, said = self.rank_errors.get(rank), self.rank_errors.get(0)
+        if said is not None and (rank == 0 or _same_error(event, said)):
+            return  # rank 0 failed first, or every rank met the same error (a bad dataset, say)
         if event is not None:
             code, message = event.get("code", "runner_crashed"), f"rank {rank}: {event.get('message', '')}"
         else:
