@@ -242,9 +242,11 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         # Drop the discriminator tag pydantic puts first in a union location.
-        for tag in ("train.", "extract."):
-            if loc.startswith(tag):
-                loc = loc[len(tag):]
+        for tag in ("train", "extract"):
+            if loc == tag:
+                loc = ""
+            elif loc.startswith(tag + "."):
+                loc = loc[len(tag) + 1:]
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; see `farm spec`)"
