@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import sys
 
+from farm.errors import SpecError
+
 EVENT_PREFIX = "@@farm "
 
 
@@ -38,3 +40,20 @@ def parse_line(line: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) and "type" in event else None
+
+
+def parse_job(job: dict, spec_cls, required_keys: tuple[str, ...], what: str):
+    """The job file's spec as `spec_cls`; SpecError naming the missing keys or the bad fields."""
+    from pydantic import ValidationError
+
+    if not isinstance(job, dict):
+        raise SpecError(f"job file: expected a JSON object, got {type(job).__name__}")
+    missing = [k for k in required_keys if job.get(k) in (None, "")]
+    if missing:
+        raise SpecError(f"job file: missing {', '.join(missing)} (the supervisor writes these; see "
+                        "farm/runner_protocol.py)", field=missing[0])
+    try:
+        return spec_cls.model_validate(job["spec"])
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise SpecError(f"job spec is not a valid {what} spec:\n" + "\n".join(lines)) from None

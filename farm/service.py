@@ -14,8 +14,8 @@ from typing import Callable
 from farm.catalog import repository as repo
 from farm.catalog.models import TERMINAL_STATES, Adapter, Job
 from farm.catalog.session import session_scope
-from farm.datasets import DatasetInfo, validate_dataset
-from farm.errors import DatasetError, FarmError, ModelError, NotFound, ResourceError, SpecError
+from farm.datasets import validate_dataset
+from farm.errors import DatasetError, FarmError, ModelError, ResourceError, SpecError
 from farm.schemas import (
     AdapterFilePublic,
     AdapterPublic,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
-
-import pytest
 
 pytest_plugins = [
     "tests.fixtures.services",

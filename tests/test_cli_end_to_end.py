@@ -69,7 +69,6 @@ def client_env(farm_stack, mode, api_url=None) -> dict:
 
 @pytest.mark.parametrize("mode", ["local", "remote"])
 def test_submit_wait_list_show_pull(mode, farm_stack, tiny_model_dir, tmp_path, request):
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.fixtures.farm import REPO_ROOT
 
 
 def test_demo_trains_pulls_loads_and_prints_provenance(farm_stack, tmp_path):
@@ -18,5 +17,5 @@ def test_demo_trains_pulls_loads_and_prints_provenance(farm_stack, tmp_path):
     assert "with the adapter:" in out and "base model says:" in out
     assert "demo-chat:1 (train)" in out and "adapter_model.safetensors" in out and "torch 2." in out
     assert (tmp_path / "demo" / "pulled" / "demo-chat-v1" / "checksums.json").exists()
-    leftovers = subprocess.run(["pgrep", "-f", f"farm.cli.main worker"], capture_output=True, text=True).stdout
+    leftovers = subprocess.run(["pgrep", "-f", "farm.cli.main worker"], capture_output=True, text=True).stdout
     assert not any(pid.strip() for pid in leftovers.splitlines() if int(pid) != proc.pid), "the demo's worker survived"

@@ -3,7 +3,6 @@ published, and the loss matches an uninterrupted run. A job that fails every att
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from farm.errors import ModelError, SpecError
+from farm.errors import ModelError
 
 REQUIRED_JOB_KEYS = ("job_id", "spec", "base_model", "finetuned_model", "output_dir")
 _PACKAGES = ("torch", "safetensors", "peft", "transformers")
@@ -24,21 +24,10 @@ _PACKAGES = ("torch", "safetensors", "peft", "transformers")
 
 def parse_job(job: dict):
     """The job's ExtractSpec; SpecError naming the missing key or the bad fields."""
-    from pydantic import ValidationError
-
+    from farm.runner_protocol import parse_job as parse
     from farm.specs import ExtractSpec
 
-    if not isinstance(job, dict):
-        raise SpecError(f"job file: expected a JSON object, got {type(job).__name__}")
-    missing = [k for k in REQUIRED_JOB_KEYS if job.get(k) in (None, "")]
-    if missing:
-        raise SpecError(f"job file: missing {', '.join(missing)} (the supervisor writes these; see "
-                        "farm/runner_protocol.py)", field=missing[0])
-    try:
-        return ExtractSpec.model_validate(job["spec"])
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise SpecError("job spec is not a valid extraction spec:\n" + "\n".join(lines)) from None
+    return parse(job, ExtractSpec, REQUIRED_JOB_KEYS, "extraction")
 
 
 def environment() -> dict:

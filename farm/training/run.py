@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from farm.errors import FarmError, ModelError, SpecError
+from farm.errors import FarmError, ModelError
 
 REQUIRED_JOB_KEYS = ("job_id", "spec", "base_model", "dataset", "output_dir", "checkpoint_dir")
 METRICS_FILE = "training_metrics.json"
@@ -26,21 +26,10 @@ METRICS_FILE = "training_metrics.json"
 
 def parse_job_spec(job: dict):
     """The job's TrainSpec; SpecError naming the missing key or the bad fields."""
-    from pydantic import ValidationError
-
+    from farm.runner_protocol import parse_job
     from farm.specs import TrainSpec
 
-    if not isinstance(job, dict):
-        raise SpecError(f"job file: expected a JSON object, got {type(job).__name__}")
-    missing = [k for k in REQUIRED_JOB_KEYS if job.get(k) in (None, "")]
-    if missing:
-        raise SpecError(f"job file: missing {', '.join(missing)} (the supervisor writes these; see "
-                        "farm/runner_protocol.py)", field=missing[0])
-    try:
-        return TrainSpec.model_validate(job["spec"])
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise SpecError("job spec is not a valid training spec:\n" + "\n".join(lines)) from None
+    return parse_job(job, TrainSpec, REQUIRED_JOB_KEYS, "training")
 
 
 class _Clock:
