@@ -69,3 +69,30 @@ def queue_depths(queues: list[str], broker_url: str | None = None) -> dict[str, 
 
     client = redis.Redis.from_url(broker_url or get_settings().broker_url)
     return {q: int(client.llen(q)) for q in queues}
+
+
+def job_ids_in_broker(queues: list[str], broker_url: str | None = None) -> set[str]:
+    """Job ids of every run_job message the broker holds: waiting in the queues or delivered but unacknowledged.
+
+    Reads kombu's Redis layout (a list per queue, the `unacked` hash); a job that the catalog says is waiting but
+    that has no message here lost its doorbell.
+    """
+    import base64
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(broker_url or get_settings().broker_url)
+    raw = [m for q in queues for m in client.lrange(q, 0, -1)]
+    raw += [json.dumps(json.loads(v)[0]).encode() for v in client.hvals("unacked")]
+    found = set()
+    for item in raw:
+        try:
+            message = json.loads(item)
+            if message.get("headers", {}).get("task") != RUN_JOB_TASK:
+                continue
+            args = json.loads(base64.b64decode(message["body"]))[0]
+            found.add(str(args[0]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+    return found

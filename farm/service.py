@@ -247,16 +247,28 @@ def wait_for_job(job_id: str, *, on_update: Callable[[JobPublic], None] | None =
 
 
 def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
-    """Requeue jobs whose worker stopped heartbeating (they resume from their last checkpoint)."""
+    """Ring again for jobs that lost their worker or their message; returns their ids.
+
+    A running job whose worker stopped heartbeating goes back to `recovering` (it resumes from its last
+    checkpoint). A waiting job quiet for longer than FARM_REQUEUE_AFTER_SECONDS with no message in the broker lost
+    its doorbell (the broker may lose a message): it gets a new one. Duplicates are harmless (the claim decides).
+    """
+    from datetime import timedelta
+
+    from farm.catalog.models import utcnow
+    from farm.queue import job_ids_in_broker, ring_doorbell
+
     settings = settings or get_settings()
     with session_scope(settings.database_url) as session:
         requeue = repo.reap_expired_leases(session)
         queues = {j.id: j.queue for j in (session.get(Job, i) for i in requeue)}
-    from farm.queue import ring_doorbell
-
+        quiet = repo.waiting_jobs(session, utcnow() - timedelta(seconds=settings.requeue_after_seconds))
+    if quiet:
+        in_broker = job_ids_in_broker(sorted({q for _, q in quiet}), settings.broker_url)
+        queues.update({job_id: queue for job_id, queue in quiet if job_id not in in_broker})
     for job_id, queue in queues.items():
         ring_doorbell(job_id, queue, settings=settings)
-    return requeue
+    return list(queues)
 
 
 # ---------------------------------------------------------------- adapters

@@ -26,6 +26,8 @@ class FarmSettings(BaseSettings):
     lease_seconds: int = Field(120, ge=5, description="How long a claim lasts without a heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before it ends failed.")
+    requeue_after_seconds: float = Field(
+        300, gt=0, description="A waiting job this quiet with no message in the broker gets its doorbell again.")
     max_group_size: int = Field(8, ge=1, description="Largest device group any worker serves; bigger jobs are refused.")
     visibility_timeout: int = Field(
         7 * 24 * 3600, description="Redis re-delivery timeout; above the longest job (celery#5935)."

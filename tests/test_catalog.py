@@ -102,7 +102,12 @@ def test_create_job_is_queued_with_a_queued_event(catalog_url):
         events = repo.job_events(s, job_id)
         assert (job.state, job.attempt, job.max_attempts, job.spec) == (QUEUED, 0, 3, {"steps": 2})
         assert [(e.type, e.state, e.attempt, e.data) for e in events] == [("state", QUEUED, 0, {"queue": "farm.gpu1"})]
-        assert repo.claimable_job_ids(s) == [(job_id, "farm.gpu1")]
+        from datetime import timedelta
+
+        from farm.catalog.models import utcnow
+
+        assert repo.waiting_jobs(s, utcnow() + timedelta(seconds=1)) == [(job_id, "farm.gpu1")]
+        assert repo.waiting_jobs(s, utcnow() - timedelta(seconds=60)) == []  # not quiet long enough
 
 
 def _assert_one_winner_per_job(url: str, job_ids: list[str], results: dict[str, list]) -> None:

@@ -140,3 +140,31 @@ def test_stopping_a_worker_hands_its_job_back(farm_stack, tiny_model_dir, tmp_pa
     service.cancel_job(job.id, settings=settings)  # 400 steps are not needed to see it resume
     final = service.wait_for_job(job.id, timeout=120, settings=settings)
     assert final.state == "cancelled" and final.attempt == 2
+
+
+def test_a_job_whose_message_was_lost_gets_a_new_doorbell(tmp_path, tiny_model_dir):
+    """The broker is only a doorbell and may lose a message: a waiting job with no message in Redis is rung again
+    by the workers' reaper, and runs; a job whose message is still waiting is left alone."""
+    import redis
+
+    from farm.queue import job_ids_in_broker
+    from farm.tiny import write_dataset
+    from tests.fixtures.farm import make_stack
+
+    stack = make_stack(tmp_path / "farm", requeue_after_seconds=2)
+    try:
+        settings = stack.settings
+        data = write_dataset(tmp_path / "chat.jsonl", "chat", n=16, seed=3)
+        job = service.submit_job(write_spec(tmp_path / "job.yaml", tiny_model_dir, data, max_steps=3),
+                                 settings=settings)
+        assert job_ids_in_broker(["farm.cpu"], settings.broker_url) == {job.id}
+        time.sleep(2.5)
+        assert service.reap_lost_jobs(settings=settings) == []  # its message is in the queue: nothing to do
+        redis.Redis.from_url(settings.broker_url).delete("farm.cpu")  # the message is lost
+        assert job_ids_in_broker(["farm.cpu"], settings.broker_url) == set()
+
+        stack.start_worker()  # its reaper notices within a few seconds
+        final = service.wait_for_job(job.id, timeout=300, settings=settings)
+        assert final.state == "succeeded" and final.attempt == 1, stack.worker_logs()
+    finally:
+        stack.stop()

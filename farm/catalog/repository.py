@@ -242,9 +242,15 @@ def reap_expired_leases(session: Session, now: datetime | None = None) -> list[s
     return requeue
 
 
-def claimable_job_ids(session: Session) -> list[tuple[str, str]]:
-    """(id, queue) of every job waiting for a worker; used to re-ring the doorbell after a lost message."""
-    return [(r.id, r.queue) for r in session.execute(select(Job.id, Job.queue).where(Job.state.in_(CLAIMABLE_STATES)))]
+def waiting_jobs(session: Session, quiet_since: datetime) -> list[tuple[str, str]]:
+    """(id, queue) of jobs waiting for a worker (queued or recovering) with no event since `quiet_since`."""
+    last_event = (select(JobEvent.job_id, func.max(JobEvent.at).label("at")).group_by(JobEvent.job_id)
+                  .subquery())
+    rows = session.execute(
+        select(Job.id, Job.queue).join(last_event, last_event.c.job_id == Job.id)
+        .where(Job.state.in_(CLAIMABLE_STATES), last_event.c.at < quiet_since)
+    )
+    return [(r.id, r.queue) for r in rows]
 
 
 def _lock_adapter_name(session: Session, name: str) -> None:
