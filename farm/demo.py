@@ -37,7 +37,7 @@ def demo_spec(model_dir: Path, data_path: Path, steps: int) -> dict:
         "dataset": {"path": str(data_path), "format": "chat", "eval_fraction": 0.1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "quantization": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
-        "training": {"max_steps": steps, "lr": 3e-3, "micro_batch_size": 4, "grad_accum": 1, "max_seq_len": 128,
+        "training": {"max_steps": steps, "lr": 1e-2, "micro_batch_size": 4, "grad_accum": 1, "max_seq_len": 128,
                      "seed": 42, "eval_every": 10, "checkpoint_every": 10, "warmup_steps": 2},
         "resources": {"gpus": 0},
     }
