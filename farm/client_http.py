@@ -8,7 +8,6 @@ pull is.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +18,16 @@ from pydantic import SecretStr
 
 from farm import __version__
 from farm.datasets import validate_dataset
-from farm.catalog.models import TERMINAL_STATES
 from farm.errors import DatasetError, FarmError, NotFound, StoreError
-from farm.schemas import AdapterFilePublic, AdapterPublic, DatasetPublic, JobEventPublic, JobPublic, PullResult
+from farm.schemas import (
+    AdapterFilePublic,
+    AdapterPublic,
+    DatasetPublic,
+    JobEventPublic,
+    JobPublic,
+    PullResult,
+    poll_until_finished,
+)
 from farm.settings import FarmSettings, get_settings
 from farm.specs import TrainSpec, load_spec, spec_to_dict
 from farm.store.base import CHUNK_SIZE, HashingWriter, ObjectInfo, Store
@@ -185,17 +191,9 @@ class HttpClient:
 
     def wait(self, job_id: str, on_update: Callable[[JobPublic], None] | None = None,
              timeout: float | None = None) -> JobPublic:
-        """Poll until the job ends; `on_update` sees every poll (as the local client's wait)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get_job(job_id)
-            if on_update:
-                on_update(job)
-            if job.state in TERMINAL_STATES:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f} s")
-            time.sleep(self.poll_seconds)
+        """Poll until the job ends; `on_update` sees every poll (the same loop as the local client's wait)."""
+        return poll_until_finished(self.get_job, job_id, on_update=on_update, poll_seconds=self.poll_seconds,
+                                   timeout=timeout)
 
     # ------------------------------------------------------------ adapters
 

@@ -116,3 +116,25 @@ class PullResult(_Public):
     version: int
     dest: str
     files: list[AdapterFilePublic]
+
+
+def poll_until_finished(fetch, job_id: str, *, on_update=None, poll_seconds: float = 0.5,
+                        timeout: float | None = None) -> JobPublic:
+    """Call `fetch(job_id)` until the job is succeeded, failed or cancelled; `on_update` sees every view.
+
+    The one wait loop behind the local service layer and the HTTP client.
+    """
+    import time
+
+    from farm.catalog.models import TERMINAL_STATES
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = fetch(job_id)
+        if on_update:
+            on_update(job)
+        if job.state in TERMINAL_STATES:
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f} s")
+        time.sleep(poll_seconds)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import getpass
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 from farm.catalog import repository as repo
-from farm.catalog.models import TERMINAL_STATES, Adapter, Job
+from farm.catalog.models import Adapter, Job
 from farm.catalog.session import session_scope
 from farm.datasets import validate_dataset
 from farm.errors import DatasetError, FarmError, ModelError, ResourceError, SpecError
@@ -24,6 +23,7 @@ from farm.schemas import (
     JobEventPublic,
     JobPublic,
     PullResult,
+    poll_until_finished,
 )
 from farm.settings import FarmSettings, get_settings
 from farm.specs import ExtractSpec, TrainSpec, load_spec, parse_spec, queue_for, spec_hash, spec_to_dict
@@ -234,16 +234,8 @@ def cancel_job(job_id: str, *, settings: FarmSettings | None = None) -> JobPubli
 def wait_for_job(job_id: str, *, on_update: Callable[[JobPublic], None] | None = None, poll_seconds: float = 0.5,
                  timeout: float | None = None, settings: FarmSettings | None = None) -> JobPublic:
     """Poll until the job ends; `on_update` sees every poll. Returns the final view (raise nothing on failure)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        job = get_job(job_id, settings=settings)
-        if on_update:
-            on_update(job)
-        if job.state in TERMINAL_STATES:
-            return job
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f} s")
-        time.sleep(poll_seconds)
+    return poll_until_finished(lambda i: get_job(i, settings=settings), job_id, on_update=on_update,
+                               poll_seconds=poll_seconds, timeout=timeout)
 
 
 def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
