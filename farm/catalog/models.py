@@ -174,3 +174,18 @@ class AdapterFile(Base):
     etag: Mapped[str | None] = mapped_column(String(128))
 
     adapter: Mapped[Adapter] = relationship(back_populates="files")
+
+
+# ---------------------------------------------------------------- issue 12 (catalog at scale)
+
+# ---------------------------------------------------------------- issue 13 (base models, checkpoints, merge)
+
+# ---------------------------------------------------------------- issue 14 (automation)
+
+# ---------------------------------------------------------------- issue 15 (routing, sharing)
+
+# ---------------------------------------------------------------- issue 10 (co-training)
+
+# ---------------------------------------------------------------- issue 16 (console)
+
+# ---------------------------------------------------------------- issue 11 (recovery, hardening)

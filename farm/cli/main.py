@@ -218,6 +218,17 @@ def demo(workdir: Path = typer.Option(Path(".farm/demo"), help="Where the demo w
     run_demo(workdir, steps=steps)
 
 
+# Command groups of later features: one module each, farm/cli/cmd_<area>.py, with a `register(app)` function.
+def _register_command_modules() -> None:
+    import importlib
+
+    for area in ("models", "automation", "adapters_use", "console"):
+        importlib.import_module(f"farm.cli.cmd_{area}").register(app)
+
+
+_register_command_modules()
+
+
 def main() -> None:
     """Entry point: FarmErrors become a clear message and a non-zero exit, not a traceback."""
     try:

@@ -1,0 +1,9 @@
+"""CLI commands of issue 14."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to the `farm` app."""

@@ -1,0 +1,28 @@
+"""Issue 16: console and logs.
+
+Revision ID: b1c2d3e40016
+Revises: b1c2d3e40010
+Create Date: 2026-12-02 01:15:00
+
+"""
+from typing import Sequence, Union
+
+from alembic import op  # noqa: F401
+import sqlalchemy as sa  # noqa: F401
+
+
+# revision identifiers, used by Alembic.
+revision: str = 'b1c2d3e40016'
+down_revision: Union[str, Sequence[str], None] = 'b1c2d3e40010'
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    pass
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    pass
