@@ -24,11 +24,21 @@ from farm.errors import (
     StaleAttempt,
     StoreError,
 )
+from farm.limits import bound_message
 
 log = logging.getLogger("farm.api")
 
+
+class PayloadTooLarge(FarmError):
+    """A request body or an upload is larger than the API's configured limit (FARM_API_MAX_BODY_BYTES,
+    FARM_API_MAX_UPLOAD_BYTES)."""
+
+    code = "payload_too_large"
+
+
 # Most specific first: the first class an error is an instance of decides.
 STATUS_BY_ERROR: tuple[tuple[type[FarmError], int], ...] = (
+    (PayloadTooLarge, 413),
     (SpecError, 422),
     (DatasetError, 422),
     (ModelError, 422),
@@ -60,6 +70,7 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES = {
     401: {"model": ErrorBody, "description": "Missing or unknown API token."},
     404: {"model": ErrorBody, "description": "No such job, adapter, version or file."},
+    413: {"model": ErrorBody, "description": "The request body or upload is over the server's size limit."},
     422: {"model": ErrorBody, "description": "Invalid spec, dataset, model, resources or parameter."},
 }
 
@@ -76,7 +87,11 @@ def error_response(exc: FarmError) -> JSONResponse:
     """The JSON response for a FarmError (401s also say which scheme to use)."""
     status = status_for(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
+    body = exc.to_dict()
+    body["message"] = bound_message(body["message"])  # never more than a bounded excerpt of the input (issue 11)
+    if body.get("field"):
+        body["field"] = bound_message(body["field"], 200)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _farm_error(_request: Request, exc: FarmError) -> JSONResponse:
@@ -88,10 +103,10 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     lines, first_field = [], None
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "header", "body")]
-        name = ".".join(loc) or "(request)"
+        name = bound_message(".".join(loc), 200) or "(request)"
         first_field = first_field or (name if loc else None)
-        lines.append(f"{name}: {err.get('msg', 'invalid value')}")
-    body = {"code": INVALID_REQUEST, "message": "\n".join(lines) or "invalid request"}
+        lines.append(f"{name}: {bound_message(str(err.get('msg', 'invalid value')), 300)}")
+    body = {"code": INVALID_REQUEST, "message": bound_message("\n".join(lines[:20])) or "invalid request"}
     if first_field:
         body["field"] = first_field
     return JSONResponse(body, status_code=422)
@@ -114,7 +129,13 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that turn FarmErrors and bad parameters into {"code", "message", "field"} JSON."""
+    """Register the handlers that turn FarmErrors and bad parameters into {"code", "message", "field"} JSON,
+    the request-size limit (413, before a route reads a byte) and the redaction of secrets from the log lines of
+    uvicorn and the API (issue 11)."""
+    from api.limits import BodySizeLimit, install_log_redaction
+
+    app.add_middleware(BodySizeLimit)
+    install_log_redaction()
     app.add_exception_handler(FarmError, _farm_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

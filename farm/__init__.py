@@ -1,4 +1,15 @@
-"""The farm: a training farm for LoRA/QLoRA adapters.
+"""The farm: a training farm for LoRA/QLoRA adapters. This package is the library; three front doors stand on it:
+the CLI (`farm/cli/`), the HTTP API (`api/`) and the workers (`workers/`). The library imports none of them
+(tests/test_layering.py).
+
+- the door:     `specs` (what a user submits), `kinds` (the job-kind registry), `datasets`, `model_files`,
+                `limits`, `trust`
+- the truth:    `catalog/` (models, repository, session), `errors` (and the retry policy), `names` (store keys,
+                refs, queue names), `settings`
+- the use cases: `service` (one function per use case, for every front door), `schemas` (what they return),
+                `client`/`client_http`, `stats`, `queue` (the Celery app, no task bodies)
+- the bytes:    `store/` (file://, S3, verified transfer), `artifacts`, `runner_protocol`
+- the work:     `training/`, `extraction/`, `merge/` (each a job kind's runner side), `environment`
 
 Importing this package (and the CLI, the service layer, the API) never imports torch: producers stay light.
 """

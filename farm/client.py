@@ -14,7 +14,7 @@ from farm.settings import FarmSettings, get_settings
 
 
 class FarmClient(Protocol):
-    def submit(self, spec_path: Path) -> JobPublic: ...
+    def submit(self, spec_path: Path, force: bool = False) -> JobPublic: ...
     def get_job(self, job_id: str) -> JobPublic: ...
     def list_jobs(self, *, state: str | None = None, kind: str | None = None, name: str | None = None,
                   limit: int = 50, offset: int = 0) -> list[JobPublic]: ...
@@ -33,8 +33,8 @@ class LocalClient:
     def __init__(self, settings: FarmSettings | None = None):
         self.settings = settings or get_settings()
 
-    def submit(self, spec_path: Path) -> JobPublic:
-        return service.submit_job(Path(spec_path), settings=self.settings)
+    def submit(self, spec_path: Path, force: bool = False) -> JobPublic:
+        return service.submit_job(Path(spec_path), settings=self.settings, force=force)
 
     def get_job(self, job_id: str) -> JobPublic:
         return service.get_job(job_id, settings=self.settings)

@@ -18,7 +18,8 @@ from pydantic import SecretStr
 
 from farm import __version__
 from farm.datasets import validate_dataset
-from farm.errors import DatasetError, FarmError, NotFound, StoreError
+from farm.errors import DatasetError, FarmError, NotFound, StoreError, error_class
+from farm.names import STORE_REF, is_store_ref, parse_adapter_ref  # noqa: F401 (STORE_REF kept importable here)
 from farm.schemas import (
     AdapterFilePublic,
     AdapterPublic,
@@ -33,19 +34,6 @@ from farm.specs import TrainSpec, load_spec, spec_to_dict
 from farm.store.base import CHUNK_SIZE, HashingWriter, ObjectInfo, Store
 from farm.store.local import write_atomically
 
-STORE_REF = "store:"
-
-
-def _error_classes() -> dict[str, type[FarmError]]:
-    """Every FarmError subclass by its code, so an API error is raised again as the class the server raised."""
-    classes: dict[str, type[FarmError]] = {}
-    pending = [FarmError]
-    while pending:
-        cls = pending.pop()
-        classes.setdefault(cls.code, cls)
-        pending.extend(cls.__subclasses__())
-    return classes
-
 
 def error_from_response(response: httpx.Response, where: str) -> FarmError:
     """The FarmError an error response stands for: {"code", "message", "field"} from the API, else a generic one."""
@@ -54,7 +42,7 @@ def error_from_response(response: httpx.Response, where: str) -> FarmError:
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("code"), str) and isinstance(body.get("message"), str):
-        cls = _error_classes().get(body["code"], FarmError)
+        cls = error_class(body["code"]) or FarmError  # raised again as the class the server raised
         error = cls(body["message"], field=body.get("field"))
         error.code = body["code"]  # keep codes this client does not know (invalid_request, internal_error)
         return error
@@ -112,40 +100,100 @@ class HttpClient:
 
     # ------------------------------------------------------------ plumbing
 
+    # issue 16: one network blip (a refused connection, a proxy's 502/503/504) must not abort a long
+    # `farm submit --wait`. Idempotent calls are tried again with exponential backoff; a POST is sent once.
+    retries = 4
+    backoff_s = 0.25
+    backoff_max_s = 4.0
+    RETRY_STATUSES = frozenset({502, 503, 504})
+    IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """Send a request; an idempotent one is retried on connection errors and 502/503/504 with backoff."""
+        import random
+        import time
+
+        tries = 1 + (self.retries if method.upper() in self.IDEMPOTENT else 0)
+        for attempt in range(tries):
+            last = attempt == tries - 1
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if last:
+                    raise FarmError(f"cannot reach the farm API at {self.base_url} ({type(exc).__name__}: {exc}); "
+                                    "check FARM_API_URL and that the API runs there") from None
+            else:
+                if last or response.status_code not in self.RETRY_STATUSES:
+                    return response
+            delay = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
+            time.sleep(delay * (0.5 + random.random() / 2))  # jitter: many clients do not retry in step
+        raise AssertionError("unreachable")
+
     def _call(self, method: str, path: str, **kwargs) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise FarmError(f"cannot reach the farm API at {self.base_url} ({type(exc).__name__}: {exc}); check "
-                            "FARM_API_URL and that the API runs there") from None
+        response = self._request(method, path, **kwargs)
         if not response.is_success:
             raise error_from_response(response, f"the farm API at {self.base_url}")
         return response.json()
 
+    transfer_progress = None
+    """issue 16: a factory (label, total bytes) -> context manager with advance(n): a bar for uploads and pulls."""
+
+    def _transfer(self, label: str, total: int | None):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            if self.transfer_progress is None:
+                yield lambda n: None
+                return
+            with self.transfer_progress(label, total) as progress:
+                yield progress.advance
+
+        return bar()
+
+    def served_queues(self) -> set[str]:
+        """The queues some live worker consumes (GET /v1/workers)."""
+        return {q for w in self._call("GET", "/v1/workers") for q in w.get("queues", [])}
+
+    def job_log(self, job_id: str, attempt: int | None = None) -> tuple[int, str]:
+        """(attempt, text) of the runner's log of an attempt (the latest by default)."""
+        params = {"attempt": attempt} if attempt is not None else None
+        response = self._request("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs", params=params)
+        if not response.is_success:
+            raise error_from_response(response, f"the farm API at {self.base_url}")
+        return int(response.headers.get("x-farm-attempt", attempt or 0)), response.text
+
     # ------------------------------------------------------------ jobs
 
-    def submit(self, spec_path: Path) -> JobPublic:
+    def submit(self, spec_path: Path, force: bool = False) -> JobPublic:
         """Load and check the spec here, upload its local datasets, then submit it (the server checks it again)."""
         spec = load_spec(spec_path)
+        for field in ("base_model", "finetuned_model"):  # issue 11: the server reads no path of ours; say it here
+            ref = getattr(spec, field, None)
+            if ref and ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+                from farm.errors import ModelError
+
+                raise ModelError(f"{field}: {ref}: no such model directory", field=field)
         if isinstance(spec, TrainSpec):
             updates = {}
             for name in ("path", "eval_path"):
                 ref = getattr(spec.dataset, name)
-                if ref and not ref.startswith(STORE_REF) and "://" not in ref:
+                if ref and not is_store_ref(ref) and "://" not in ref:
                     updates[name] = self.upload_dataset(ref, spec.dataset.format, field=f"dataset.{name}").uri
             if updates:
                 spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update=updates)})
-        return JobPublic.model_validate(self._call("POST", "/v1/jobs", json=spec_to_dict(spec)))
+        params = {"force": "true"} if force else None  # issue 14: skip dedupe
+        return JobPublic.model_validate(self._call("POST", "/v1/jobs", json=spec_to_dict(spec), params=params))
 
     def upload_dataset(self, path: str | Path, fmt: str, *, field: str = "dataset.path") -> DatasetPublic:
         """Check a local JSONL file line by line (the local submit's checks and messages), then upload it."""
         try:
             info = validate_dataset(path, fmt)
-            with open(path, "rb") as fh:
+            with open(path, "rb") as fh, self._transfer(f"upload {Path(path).name}", info.size) as advance:
                 data = self._call(
                     "POST", "/v1/datasets",
                     params={"format": fmt, "filename": str(path)},
-                    content=iter(lambda: fh.read(CHUNK_SIZE), b""),
+                    content=_counted(iter(lambda: fh.read(CHUNK_SIZE), b""), advance),
                     headers={"Content-Type": "application/x-ndjson", "Content-Length": str(info.size)},
                 )
             stored = DatasetPublic.model_validate(data)
@@ -170,21 +218,37 @@ class HttpClient:
         return [JobEventPublic.model_validate(r) for r in rows]
 
     def follow_events(self, job_id: str, after: int = 0) -> Iterator[JobEventPublic]:
-        """The job's events after `after` as they happen (server-sent events), until the job ends."""
+        """The job's events after `after` as they happen (server-sent events), until the job ends.
+
+        A dropped stream (or a 502/503/504 from a proxy) is reopened after the last event received, with backoff,
+        up to `retries` times in a row: no event is lost or repeated.
+        """
+        import time
+
         path = f"/v1/jobs/{quote(job_id, safe='')}/events/stream"
-        try:
-            with self._http.stream("GET", path, params={"after": after},
-                                   timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as response:
-                if not response.is_success:
-                    response.read()
-                    raise error_from_response(response, f"the farm API at {self.base_url}")
-                for event, data in parse_sse(response.iter_lines()):
-                    if event == "end":
-                        return
-                    yield JobEventPublic.model_validate_json(data)
-        except httpx.TransportError as exc:
-            raise FarmError(f"lost the event stream from {self.base_url} ({type(exc).__name__}); "
-                            f"resume with after={after}") from None
+        failures = 0
+        while True:
+            try:
+                with self._http.stream("GET", path, params={"after": after},
+                                       timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as response:
+                    if response.status_code in self.RETRY_STATUSES and failures < self.retries:
+                        raise httpx.RemoteProtocolError(f"HTTP {response.status_code}")
+                    if not response.is_success:
+                        response.read()
+                        raise error_from_response(response, f"the farm API at {self.base_url}")
+                    for event, data in parse_sse(response.iter_lines()):
+                        if event == "end":
+                            return
+                        ev = JobEventPublic.model_validate_json(data)
+                        after, failures = ev.id, 0
+                        yield ev
+                return  # the server closed the stream without `end`: nothing more to follow
+            except httpx.TransportError as exc:
+                if failures >= self.retries:
+                    raise FarmError(f"lost the event stream from {self.base_url} ({type(exc).__name__}); "
+                                    f"resume with after={after}") from None
+                time.sleep(min(self.backoff_max_s, self.backoff_s * 2 ** failures))
+                failures += 1
 
     def cancel(self, job_id: str) -> JobPublic:
         return JobPublic.model_validate(self._call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel"))
@@ -203,8 +267,6 @@ class HttpClient:
 
     def get_adapter(self, ref: str) -> AdapterPublic:
         """NAME or NAME:VERSION; the files carry download URLs when the farm's store is S3."""
-        from farm.service import parse_adapter_ref
-
         name, version = parse_adapter_ref(ref)
         path = f"/v1/adapters/{quote(name, safe='')}" + (f"/{version}" if version is not None else "")
         return AdapterPublic.model_validate(self._call("GET", path))
@@ -214,10 +276,13 @@ class HttpClient:
         `dest`; on any mismatch nothing appears at `dest`."""
         from farm.store.transfer import download_tree
 
+        from farm.store.progress import CountingStore
+
         view = self.get_adapter(ref)
         files = ApiAdapterFiles(self, view)
         expected = {f.path: f.sha256 for f in view.files}
-        download_tree(files, files.folder, Path(dest), expected=expected)
+        with self._transfer(f"pull {view.name}:{view.version}", sum(f.size for f in view.files)) as advance:
+            download_tree(CountingStore(files, advance), files.folder, Path(dest), expected=expected)
         return PullResult(name=view.name, version=view.version, dest=str(Path(dest).resolve()), files=view.files)
 
     def _download(self, url: str, path: Path, *, api: bool) -> HashingWriter:
@@ -234,6 +299,12 @@ class HttpClient:
                 return write_atomically(path, _ChunkReader(response.iter_bytes(CHUNK_SIZE)))
         except httpx.TransportError as exc:
             raise StoreError(f"downloading {path.name} failed ({type(exc).__name__}: {exc}); pull again") from None
+
+
+def _counted(chunks: Iterator[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        advance(len(chunk))
+        yield chunk
 
 
 class _ChunkReader:

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farm.errors import DatasetError
+from farm.limits import InputTooComplex, check_structure
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_ERRORS = 5
+MAX_LINE_BYTES = 64 * 1024 * 1024
+"""Longest line (one example) accepted; a longer one is reported, not read into memory whole (issue 11)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,27 @@ def _check_text(row: dict) -> str | None:
 CHECKS = {"chat": _check_chat, "alpaca": _check_alpaca, "completion": _check_completion, "text": _check_text}
 
 
+def _lines(fh, digest):
+    """(line number, bytes, 0) per line, or (line number, b"", its length) for a line over MAX_LINE_BYTES, which
+    is hashed as it streams but never held whole. Every byte goes through `digest`."""
+    lineno = 0
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        digest.update(raw)
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield lineno, raw, 0
+            continue
+        length = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = fh.readline(1024 * 1024)
+            digest.update(raw)
+            length += len(raw)
+        yield lineno, b"", length
+
+
 def validate_dataset(path: str | Path, fmt: str) -> DatasetInfo:
     """Check every line of a JSONL dataset against its format; raise DatasetError naming file and line."""
     path = Path(path)
@@ -91,20 +115,33 @@ def validate_dataset(path: str | Path, fmt: str) -> DatasetInfo:
         raise DatasetError(f"{path}: dataset.path must be a JSONL file, not a folder", field="dataset.path")
     digest, size, examples, errors = hashlib.sha256(), 0, 0, []
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            digest.update(raw)
-            size += len(raw)
+        for lineno, raw, too_long in _lines(fh, digest):
+            size += too_long or len(raw)
             if len(errors) >= MAX_REPORTED_ERRORS:
+                continue
+            if too_long:
+                errors.append(f"{path}:{lineno}: line of {too_long} bytes is longer than the limit of "
+                              f"{MAX_LINE_BYTES} bytes per example; split or shorten it")
                 continue
             if not raw.strip():
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
+                check_structure(row, max_int_digits=None, allow_nul=True)
             except UnicodeDecodeError:
                 errors.append(f"{path}:{lineno}: not UTF-8 text")
                 continue
             except json.JSONDecodeError as exc:
                 errors.append(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                errors.append(f"{path}:{lineno}: not usable: nested too deeply; flatten the example")
+                continue
+            except InputTooComplex as exc:
+                errors.append(f"{path}:{lineno}: not usable: {exc}")
+                continue
+            except ValueError as exc:  # a number of more than 4300 digits (Python's int conversion limit)
+                errors.append(f"{path}:{lineno}: not usable JSON ({str(exc).split(':')[0]})")
                 continue
             if not isinstance(row, dict):
                 errors.append(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")

@@ -15,12 +15,11 @@ from typing import NoReturn
 
 from farm.errors import FarmError
 from farm.settings import FarmSettings, get_settings
+from farm.stats import JOB_DURATION_BUCKETS_S
 
-# Flower's task-runtime histogram stops at 10 s by default; training jobs run for hours. The API's job-duration
-# histogram uses the same buckets, so both dashboards line up.
-RUNTIME_BUCKETS_S: tuple[float, ...] = (
-    1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
-)
+# Flower's task-runtime histogram stops at 10 s by default; training jobs run for hours: the farm's job-duration
+# buckets (farm.stats), the API's histogram's too, so both dashboards line up.
+RUNTIME_BUCKETS_S = JOB_DURATION_BUCKETS_S
 STATE_SAVE_INTERVAL_MS = 60_000
 CELERY_APP = "farm.queue:celery_app"
 

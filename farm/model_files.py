@@ -141,11 +141,6 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of one safetensors file (tensor name -> {dtype, shape, data_offsets}, plus __metadata__)."""
-    return _read_header(Path(path))[0]
-
-
 def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
     """Every tensor of the model (name -> dtype, shape, file, byte range), from the safetensors headers only."""
     index: dict[str, TensorInfo] = {}
@@ -230,8 +225,13 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_weights(model_dir: Path) -> tuple[str, dict[str, str]]:
-    """(combined digest, {file name: sha256}) of the weight files; combined = sha256 of "name sha\\n" sorted by name."""
-    per_file = {p.name: sha256_file(p) for p in weight_files(model_dir)}
+    """(combined digest, {file name: sha256}) of the weight files; combined = sha256 of "name sha\\n" sorted by name.
+
+    Each file's digest is cached by its identity (farm.hashcache): an unchanged model is read once per host.
+    """
+    from farm.hashcache import cached_digest
+
+    per_file = {p.name: cached_digest(p, sha256_file) for p in weight_files(model_dir)}
     combined = hashlib.sha256("".join(f"{n} {per_file[n]}\n" for n in sorted(per_file)).encode()).hexdigest()
     return combined, per_file
 
@@ -257,3 +257,92 @@ def check_same_architecture(base_dir: Path, ft_dir: Path) -> None:
             raise ModelError(f"tensor {name}: shape {list(info.shape)} in the base model {base_dir} but "
                              f"{list(ft[name].shape)} in the fine-tuned model {ft_dir}; extraction needs the same "
                              "shapes")
+
+
+# ---------------------------------------------------------------- Hub ids at submit (no torch, no download)
+
+@dataclass(frozen=True)
+class HubCheck:
+    """What a submit-time look at a Hub id found: where it looked, the revision, and what it could not check."""
+
+    repo_id: str
+    revision: str | None
+    where: str
+    """"cache" (the snapshot is on this machine), "hub" (the Hub's file list), or "none" (could not look)."""
+    unchecked: tuple[str, ...] = ()
+    """Sentences naming what could not be checked here; the worker checks it when it fetches the model."""
+
+
+def _hub_snapshot_in_cache(repo_id: str, revision: str | None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    from farm.model_fetch import hub_cache_dir
+
+    found = try_to_load_from_cache(repo_id, CONFIG_FILE, cache_dir=hub_cache_dir(), revision=revision or "main")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def check_hub_model(repo_id: str, revision: str | None, target_modules=None) -> HubCheck:
+    """Check a Hub id without torch: in this machine's Hub cache when the snapshot is there (config.json and the
+    target modules, from the safetensors headers), else on the Hub's file list when online (the repo, the
+    revision, config.json and safetensors weights exist). ModelError on what is certainly wrong. target_modules
+    None: the layers are not checked (a merge).
+    """
+    from farm.model_fetch import check_repo_id, hub_offline
+
+    check_repo_id(repo_id)
+    rev = revision or "main"
+    snapshot = _hub_snapshot_in_cache(repo_id, revision)
+    if snapshot is not None and target_modules is None:  # a merge: the model is there, its layers do not matter
+        read_config(snapshot)
+        return HubCheck(repo_id, snapshot.name, "cache")
+    if snapshot is not None:
+        read_config(snapshot)
+        try:
+            check_target_modules(snapshot, target_modules)
+        except ModelError as exc:
+            if "target_modules" in exc.message:
+                raise
+            return HubCheck(repo_id, snapshot.name, "cache", (
+                f"{repo_id}@{rev}: the weights are not all in this machine's Hub cache, so target_modules were not "
+                "checked here; the worker checks them after downloading",))
+        return HubCheck(repo_id, snapshot.name, "cache")
+    if hub_offline():
+        return HubCheck(repo_id, revision, "none", (
+            f"{repo_id}@{rev} is not in this machine's Hub cache and HF_HUB_OFFLINE is set: neither the repo, the "
+            "revision nor target_modules were checked; the worker needs it in its own cache",))
+    return _check_on_hub(repo_id, revision, target_modules is not None)
+
+
+def _check_on_hub(repo_id: str, revision: str | None, targets: bool = True) -> HubCheck:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    rev = revision or "main"
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)  # token: HF_TOKEN, read by huggingface_hub
+    except GatedRepoError:
+        return HubCheck(repo_id, revision, "none", (
+            f"{repo_id} is gated: its files could not be listed here; the worker needs a token (HF_TOKEN) with "
+            "access",))
+    except RepositoryNotFoundError:
+        raise ModelError(f"base_model: no Hub repository {repo_id!r} (or it is private and no token was given)",
+                         field="base_model") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"base_revision: {rev!r} is not a branch, tag or commit of {repo_id}",
+                         field="base_revision") from None
+    except (HfHubHTTPError, OSError) as exc:
+        return HubCheck(repo_id, revision, "none", (
+            f"the Hub could not be asked about {repo_id}@{rev} ({type(exc).__name__}); nothing about it was "
+            "checked here",))
+    if CONFIG_FILE not in files:
+        raise ModelError(f"base_model: {repo_id}@{rev} has no config.json: not a transformers model",
+                         field="base_model")
+    if not any(f.endswith(".safetensors") for f in files):
+        raise ModelError(f"base_model: {repo_id}@{rev} has no *.safetensors weights; the farm reads safetensors "
+                         "only", field="base_model")
+    if not targets:
+        return HubCheck(repo_id, revision, "hub")
+    return HubCheck(repo_id, revision, "hub", (
+        f"{repo_id}@{rev}: target_modules were not checked (the weights are not in this machine's Hub cache); the "
+        "worker checks them after downloading",))

@@ -9,6 +9,9 @@ A line starting with ``@@farm `` carries one event; every other line is a log li
 - ``done``: metrics (summary), provenance (base/dataset/source hashes, environment, timings, integrity)
 - ``error``: code, message
 
+A co-training runner (workers/cotrain_runner.py, issue 10) speaks for several jobs: each event carries ``job_id``,
+``progress`` carries ``group_size``, and ``left`` (job_id, reason) answers a leave request read from its stdin.
+
 The job file the supervisor writes for the runner (``job.json``) holds: job_id, attempt, spec (resolved),
 base_model, finetuned_model, dataset, eval_dataset, continue_from, resume_from (local paths or null),
 output_dir, checkpoint_dir.

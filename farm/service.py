@@ -26,9 +26,17 @@ from farm.schemas import (
     poll_until_finished,
 )
 from farm.settings import FarmSettings, get_settings
+# STORE_REF, dataset_key and parse_adapter_ref live in farm.names; they stay importable from here.
+from farm.names import (  # noqa: F401
+    STORE_REF,
+    adapter_prefix,
+    dataset_key,
+    is_store_ref,
+    parse_adapter_ref,
+    store_key,
+    store_ref,
+)
 from farm.specs import ExtractSpec, TrainSpec, load_spec, parse_spec, queue_for, spec_hash, spec_to_dict
-
-STORE_REF = "store:"
 
 
 # ---------------------------------------------------------------- views
@@ -38,6 +46,7 @@ def job_view(job: Job, adapter: Adapter | None = None) -> JobPublic:
     view = JobPublic.model_validate(job).model_copy(update={"error": error})
     if adapter is not None:
         view.adapter = f"{adapter.name}:{adapter.version}"
+        view.cotraining = (adapter.provenance or {}).get("cotraining")  # issue 10
     return view
 
 
@@ -48,27 +57,12 @@ def adapter_view(adapter: Adapter, store_uri: str, parent: Adapter | None = None
                          parent=f"{parent.name}:{parent.version}" if parent else None)
 
 
-def parse_adapter_ref(ref: str) -> tuple[str, int | None]:
-    """NAME or NAME:VERSION (VERSION may be written vN)."""
-    name, _, version = ref.partition(":")
-    if not version:
-        return name, None
-    digits = version[1:] if version[:1] in ("v", "V") else version
-    if not digits.isdigit():
-        raise SpecError(f"adapter reference {ref!r}: version must be a number, as in {name}:3")
-    return name, int(digits)
-
-
 # ---------------------------------------------------------------- datasets
 
 def _store(settings: FarmSettings):
     from farm.store import open_store
 
     return open_store(settings.store_url, settings)
-
-
-def dataset_key(sha256: str) -> str:
-    return f"datasets/{sha256}.jsonl"
 
 
 def store_dataset(path: str | Path, fmt: str, *, settings: FarmSettings | None = None) -> DatasetPublic:
@@ -81,11 +75,13 @@ def store_dataset(path: str | Path, fmt: str, *, settings: FarmSettings | None =
         stored = store.put_file(Path(path), key)
         if stored.sha256 != info.sha256:
             raise DatasetError(f"{path}: file changed while it was being uploaded; submit again")
-    return DatasetPublic(uri=STORE_REF + key, sha256=info.sha256, size=info.size, examples=info.examples, format=fmt)
+    return DatasetPublic(uri=store_ref(key), sha256=info.sha256, size=info.size, examples=info.examples, format=fmt)
 
 
 def _check_store_dataset(ref: str, fmt: str, settings: FarmSettings) -> DatasetPublic:
-    key = ref[len(STORE_REF):]
+    from farm.trust import check_store_ref
+
+    key = check_store_ref(ref, "dataset.path")  # issue 11: a key with '..' is a bad request, not a store failure
     store = _store(settings)
     if not store.exists(key):
         raise DatasetError(f"{ref}: no such dataset in the farm's store; upload it with `farm submit` from a local"
@@ -99,7 +95,7 @@ def _check_store_dataset(ref: str, fmt: str, settings: FarmSettings) -> DatasetP
 
 def _resolve_dataset(ref: str, fmt: str, settings: FarmSettings, field: str) -> DatasetPublic:
     try:
-        if ref.startswith(STORE_REF):
+        if is_store_ref(ref):
             return _check_store_dataset(ref, fmt, settings)
         if "://" in ref:
             raise DatasetError(f"{field}: {ref!r}: give a local file or a store:datasets/<sha256>.jsonl reference "
@@ -112,14 +108,18 @@ def _resolve_dataset(ref: str, fmt: str, settings: FarmSettings, field: str) -> 
 
 # ---------------------------------------------------------------- models
 
-def _check_base_model(ref: str, target_modules, field: str) -> None:
+def _check_base_model(ref: str, target_modules, field: str, revision: str | None = None,
+                      settings: FarmSettings | None = None) -> list[str]:
+    """Check the base model at the door; returns sentences naming what could not be checked here (issue 13)."""
     from farm import model_files
 
     model_dir = model_files.resolve_model_dir(ref)
     if model_dir is None:
         if ref.startswith((".", "/", "~")):
             raise ModelError(f"{field}: {ref}: no such model directory", field=field)
-        return  # s3:// or a hub id: checked by the worker that fetches it
+        from farm.model_checks import check_remote_base_model
+
+        return check_remote_base_model(ref, revision, target_modules, settings or get_settings())
     try:
         model_files.read_config(model_dir)
         model_files.check_target_modules(model_dir, target_modules)
@@ -128,12 +128,16 @@ def _check_base_model(ref: str, target_modules, field: str) -> None:
         exc.message = f"{field}: {exc.message}"
         exc.args = (exc.message,)
         raise
+    return []
 
 
 # ---------------------------------------------------------------- submit
 
-def validate_spec(spec: TrainSpec | ExtractSpec, settings: FarmSettings | None = None) -> TrainSpec | ExtractSpec:
-    """Everything that can be checked before enqueueing; returns the spec with datasets stored and referenced."""
+def validate_spec(spec: TrainSpec | ExtractSpec, settings: FarmSettings | None = None,
+                  notes: list[str] | None = None) -> TrainSpec | ExtractSpec:
+    """Everything that can be checked before enqueueing; returns the spec with datasets stored and referenced.
+
+    `notes`, when given, receives a sentence for each thing that could not be checked here (a Hub id not cached)."""
     settings = settings or get_settings()
     if spec.resources.devices > settings.max_group_size:
         what = f"{spec.resources.gpus} GPUs" if spec.resources.gpus else f"{spec.resources.cpu_slots} CPU slots"
@@ -145,7 +149,10 @@ def validate_spec(spec: TrainSpec | ExtractSpec, settings: FarmSettings | None =
 
         validate_extract_spec(spec)
         return spec
-    _check_base_model(spec.base_model, spec.lora.target_modules, "base_model")
+    unchecked = _check_base_model(spec.base_model, spec.lora.target_modules, "base_model", spec.base_revision,
+                                  settings)
+    if notes is not None:
+        notes.extend(unchecked)
     if spec.continue_from:
         name, version = parse_adapter_ref(spec.continue_from)
         with session_scope(settings.database_url) as session:
@@ -159,24 +166,46 @@ def validate_spec(spec: TrainSpec | ExtractSpec, settings: FarmSettings | None =
 
 
 def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_by: str | None = None,
-               settings: FarmSettings | None = None) -> JobPublic:
+               settings: FarmSettings | None = None, force: bool = False,
+               on_record: Callable | None = None, remote: bool = False) -> JobPublic:
     """Validate a spec (object, mapping or YAML path), store its local dataset, record the job, ring the doorbell.
 
     A bad spec, dataset or model raises a FarmError naming the field or the file and line; then no job row, no
-    message and no half-written object exists.
+    message and no half-written object exists. A job identical in content to one that succeeded or is in flight
+    is not queued again: that job comes back with `deduplicated` set, unless `force`. `on_record(session, job)`
+    runs in the transaction that records the job (issue 14: retraining and schedules mark what started it there).
+    `remote` (the HTTP API): the caller may not name the server's files (farm.trust, issue 11).
     """
     settings = settings or get_settings()
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
     elif isinstance(spec, dict):
         spec = parse_spec(spec)
-    spec = validate_spec(spec, settings)
+    if remote:  # issue 11: datasets are uploads or store: refs, local models only under FARM_MODEL_ROOTS
+        from farm.trust import check_remote_spec
+
+        check_remote_spec(spec, settings)
+    notes: list[str] = []  # issue 13: what the door could not check
+    spec = validate_spec(spec, settings, notes)
     queue = queue_for(spec)
+    from farm.automation.dedupe import content_key, find_duplicate, record_lineage  # issue 14
+
+    key = content_key(spec, settings)
+    if not force and (duplicate := find_duplicate(key, settings)) is not None:
+        return duplicate
+    from farm.queue import warm_doorbell  # issue 12: connected before the commit, the message leaves right after
+
+    warm_doorbell(settings)
     with session_scope(settings.database_url) as session:
         job = repo.create_job(session, kind=spec.kind, name=spec.name, queue=queue, spec=spec_to_dict(spec),
                               spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
                               submitted_by=submitted_by or _local_user())
-        view = job_view(job)
+        record_lineage(session, job.id, key)
+        if on_record is not None:
+            on_record(session, job)
+        for note in notes:  # issue 13: stays visible in the job's events
+            repo.add_event(session, job.id, 0, "log", data={"message": f"not checked at submit: {note}"})
+        view = job_view(job).model_copy(update={"notes": notes})
     try:
         from farm.queue import ring_doorbell
 
@@ -256,7 +285,9 @@ def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
         queues = {j.id: j.queue for j in (session.get(Job, i) for i in requeue)}
         quiet = repo.waiting_jobs(session, utcnow() - timedelta(seconds=settings.requeue_after_seconds))
     if quiet:
-        in_broker = job_ids_in_broker(sorted({q for _, q in quiet}), settings.broker_url)
+        # issue 11: a message held unacked for as long as the job has been quiet was taken by a stuck worker
+        in_broker = job_ids_in_broker(sorted({q for _, q in quiet}), settings.broker_url,
+                                      unacked_within=settings.requeue_after_seconds)
         queues.update({job_id: queue for job_id, queue in quiet if job_id not in in_broker})
     for job_id, queue in queues.items():
         ring_doorbell(job_id, queue, settings=settings)
@@ -293,10 +324,12 @@ def get_adapter(ref: str, *, settings: FarmSettings | None = None, with_urls: bo
     return view
 
 
-def pull_adapter(ref: str, dest: str | Path, *, settings: FarmSettings | None = None) -> PullResult:
+def pull_adapter(ref: str, dest: str | Path, *, settings: FarmSettings | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> PullResult:
     """Download an adapter version, verify every file's sha256 against the catalog, then move it into `dest`.
 
-    A mismatch raises ChecksumMismatch and leaves nothing at `dest`.
+    A mismatch raises ChecksumMismatch and leaves nothing at `dest`. `on_bytes(n)` hears each file's size as it
+    arrives (a progress bar).
     """
     from farm.store.transfer import download_tree
 
@@ -304,5 +337,10 @@ def pull_adapter(ref: str, dest: str | Path, *, settings: FarmSettings | None = 
     view = get_adapter(ref, settings=settings)
     name, _ = parse_adapter_ref(ref)
     expected = {f.path: f.sha256 for f in view.files}
-    download_tree(_store(settings), f"adapters/{name}/v{view.version}/", Path(dest), expected=expected)
+    store = _store(settings)
+    if on_bytes is not None:  # issue 16: progress of `farm pull`
+        from farm.store.progress import CountingStore
+
+        store = CountingStore(store, on_bytes)
+    download_tree(store, adapter_prefix(name, view.version), Path(dest), expected=expected)
     return PullResult(name=view.name, version=view.version, dest=str(Path(dest).resolve()), files=view.files)

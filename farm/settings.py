@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,8 @@ class FarmSettings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region name.")
     work_dir: Path = Field(Path(".farm/work"), description="Scratch space of workers (job inputs, outputs).")
     cache_dir: Path = Field(Path(".farm/cache"), description="Worker cache of downloaded models and datasets.")
+    # issue 13: the s3:// and farm: model cache under cache_dir/models is bounded; least recently used goes first
+    model_cache_max_gb: float = Field(200.0, gt=0, description="Size bound of the worker's model cache (GiB).")
 
     lease_seconds: int = Field(120, ge=5, description="How long a claim lasts without a heartbeat.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="How often a worker renews its lease.")
@@ -39,12 +41,55 @@ class FarmSettings(BaseSettings):
         default_factory=dict, description="API tokens as a JSON object name -> token."
     )
     flower_basic_auth: SecretStr | None = Field(None, description="user:password for Flower.")
+    # issue 15: routing and sharing
+    router_model: str | None = Field(None, description=(
+        "Folder of a sentence-transformers model: `farm route` embeds profiles and queries with it instead of BM25."))
+    router_threshold: float | None = Field(None, ge=0, le=1, description=(
+        "Confidence below which no adapter fits a query (default 0.05 for BM25, 0.3 for embeddings)."))
+    bundle_max_bytes: int = Field(
+        16 * 1024 ** 3, ge=1024, description="Largest adapter bundle `farm import` reads (all files together).")
+    # issue 14: webhooks, schedules
+    webhook_urls: list[str] = Field(default_factory=list, description=(
+        "JSON list of URLs told about every job's end (besides a spec's notify.url)."))
+    webhook_secret: SecretStr | None = Field(None, description="Key of the X-Farm-Signature HMAC-SHA256 of the body.")
+    webhook_max_attempts: int = Field(8, ge=1, description="POSTs of one notification before it is given up.")
+    webhook_backoff_seconds: float = Field(
+        5.0, gt=0, description="Wait before the 2nd POST; doubles after each failure (capped at one hour).")
+    beat_interval_seconds: float = Field(
+        5.0, gt=0, description="How often `farm beat` reads the schedules and retraining pools from the catalog.")
+    runner_memory_limit_mb: int | None = Field(None, ge=256, description=(
+        "Cap on a runner's address space (RLIMIT_AS); a job that needs more runs out of memory and is retried "
+        "with a halved micro-batch."))
+    # issue 10: co-training
+    cotrain_max: int = Field(4, ge=1, le=64, description=(
+        "Most training jobs one worker trains together on one shared base (same base, quantization, dtype, "
+        "devices); 1 turns co-training off."))
+    # issue 11: the API's trust boundary and limits
+    model_roots: list[Path] = Field(default_factory=list, description=(
+        "JSON list of folders under which an API caller may name a local base model; none: no local paths."))
+    api_max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body (a spec) the API reads; larger ones get 413.")
+    api_max_upload_bytes: int = Field(
+        4 * 1024 ** 3, ge=1024, description="Largest dataset upload (POST /v1/datasets) the API takes; larger: 413.")
+    reaper_interval_seconds: float | None = Field(
+        None, gt=0, description="Seconds between two rounds of the lease reaper; default a quarter of the lease.")
 
     @field_validator("home", "work_dir", "cache_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Runners work in their own job folder: relative paths would point elsewhere there.
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _under_home(self) -> FarmSettings:
+        # issue 16: FARM_HOME is the one home of the farm's local state; what is not set on its own lives there.
+        home = self.home
+        derived = {"database_url": f"sqlite:///{home}/catalog.db", "store_url": f"file://{home}/store",
+                   "work_dir": home / "work", "cache_dir": home / "cache"}
+        for name, value in derived.items():
+            if name not in self.model_fields_set:
+                object.__setattr__(self, name, value)
+        return self
 
 
 @lru_cache(maxsize=1)

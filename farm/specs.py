@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from farm.errors import SpecError
+from farm.limits import EXCERPT_CHARS, InputTooComplex, bound_message, check_structure, excerpt, load_yaml
+from farm.names import is_store_ref, queue_name
 
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DatasetFormat = Literal["chat", "alpaca", "completion", "text"]
@@ -112,6 +114,14 @@ class TrainingParams(_Spec):
     """Stop when eval loss has not improved for this many evaluations."""
     checkpoint_every: int | None = Field(None, ge=1)
     """Save a resumable checkpoint to the store every N steps."""
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    """Keep only the newest N checkpoints in the store while training (older ones are deleted as new ones land)."""
+    keep_checkpoints_after_publish: bool = False
+    """Keep the job's checkpoints after its adapter is published (by default they are deleted then)."""
+    cotrain: bool = True
+    """Let a worker train this job together with other queued jobs on the same base model (one copy of the base,
+    one forward per step for all; each job keeps its own optimizer, data, events, checkpoints and artifact, and
+    its loss curve equals its solo run's). false: always train alone."""
 
 
 class DeepSpeedSpec(_Spec):
@@ -152,6 +162,26 @@ class ResourcesSpec(_Spec):
         return self
 
 
+class RetrainSpec(_Spec):
+    """Retrain the adapter from its feedback pool (`farm feedback`) without a person at the keyboard (issue 14)."""
+
+    every: int = Field(16, ge=1, le=1_000_000)
+    """Start one `continue_from: NAME:<latest>` job each time the pool holds this many new rows."""
+    replay: float = Field(0.5, ge=0, le=10)
+    """Rehearsal: add this many earlier rows per new row (sampled from the parent's data) so it does not forget."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps of each retraining; null keeps the adapter's own training.max_steps / epochs."""
+
+
+class NotifySpec(_Spec):
+    """A webhook told when the job ends (issue 14): POST of the job's public view, signed with FARM_WEBHOOK_SECRET."""
+
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    """http(s) URL that receives the POST."""
+    events: list[Literal["succeeded", "failed", "cancelled"]] = ["succeeded", "failed", "cancelled"]
+    """Which final states to report."""
+
+
 class TrainSpec(_Spec):
     """A (Q)LoRA training job."""
 
@@ -159,10 +189,16 @@ class TrainSpec(_Spec):
     """Job kind."""
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     """Adapter name: lowercase letters, digits, '-' and '_', at most 64 characters; each success adds a version."""
+    description: str | None = Field(None, max_length=2000)
+    """What the adapter is for, in a sentence or two: `farm route` matches requests against it (issue 15)."""
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
+    """Topic words for routing and listing, like [sql, postgres] (issue 15)."""
     base_model: str = Field(min_length=1)
-    """Base model: a local directory, s3://bucket/prefix, or a hub id (already in the worker's cache)."""
+    """Base model: a local directory, s3://bucket/prefix, a Hub id (org/name, downloaded by the worker into its Hub cache; HF_TOKEN and HF_HUB_OFFLINE honoured) or farm:NAME:VERSION (a merged model of this farm)."""
     base_revision: str | None = None
-    """Hub revision of the base model."""
+    """Hub revision (branch, tag or commit) of a Hub base model; the commit it resolved to is recorded."""
+    license: str | None = Field(None, max_length=64)
+    """License of the adapter for its model card (a Hub license id such as apache-2.0 or llama3.2)."""
     continue_from: str | None = None
     """Start from an existing adapter NAME[:VERSION] instead of fresh LoRA weights (recorded as lineage)."""
     dataset: DatasetSpec
@@ -177,6 +213,10 @@ class TrainSpec(_Spec):
     """DeepSpeed ZeRO settings; needed when the job uses more than one device."""
     resources: ResourcesSpec = ResourcesSpec()
     """Devices the job needs."""
+    retrain: RetrainSpec | None = None
+    """Retrain from the adapter's feedback pool every N new rows (issue 14; `farm retrain` overrides it)."""
+    notify: NotifySpec | None = None
+    """Webhook told when the job ends (issue 14)."""
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -207,6 +247,10 @@ class ExtractSpec(_Spec):
     """Job kind."""
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     """Adapter name (same rules as training)."""
+    description: str | None = Field(None, max_length=2000)
+    """What the adapter is for: `farm route` matches requests against it (issue 15)."""
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
+    """Topic words for routing and listing (issue 15)."""
     base_model: str = Field(min_length=1)
     """Base model: local directory, s3://bucket/prefix, or hub id."""
     finetuned_model: str = Field(min_length=1)
@@ -223,6 +267,8 @@ class ExtractSpec(_Spec):
     """randomized (range finder + power iterations, checked against rho <= 1.01) or exact."""
     resources: ResourcesSpec = ResourcesSpec()
     """Devices the job needs."""
+    notify: NotifySpec | None = None
+    """Webhook told when the job ends (issue 14)."""
 
     @model_validator(mode="after")
     def _rank_or_energy(self):
@@ -238,11 +284,13 @@ _job_spec_adapter: TypeAdapter = TypeAdapter(JobSpec)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
+    from farm.kinds import kind_names
+
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         # Drop the discriminator tag pydantic puts first in a union location.
-        for tag in ("train", "extract"):
+        for tag in kind_names():
             if loc == tag:
                 loc = ""
             elif loc.startswith(tag + "."):
@@ -252,18 +300,31 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown key (check its spelling; see `farm spec`)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        lines.append(f"{source}: {loc or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        if len(loc) > EXCERPT_CHARS:  # keys come from the input: quote an excerpt only (issue 11)
+            loc = loc[:EXCERPT_CHARS] + "..."
+        lines.append(f"{source}: {loc or '(top level)'}: {bound_message(msg, 300)}")
+    if len(lines) > 20:
+        lines[20:] = [f"... and {len(lines) - 20} more problems"]
+    return bound_message("\n".join(lines))
 
 
 def parse_spec(data: object, source: str = "spec") -> TrainSpec | ExtractSpec:
     """Validate a spec given as a mapping; raise SpecError naming every bad field."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:  # deep nesting, NUL characters, huge numbers: refused before pydantic sees them (issue 11)
+        check_structure(data)
+    except InputTooComplex as exc:
+        raise SpecError(f"{source}: {exc}") from None
     if "kind" not in data:
         raise SpecError(f"{source}: kind: missing (use 'train' or 'extract')", field="kind")
-    if data.get("kind") not in ("train", "extract"):
-        raise SpecError(f"{source}: kind: must be 'train' or 'extract', got {data.get('kind')!r}", field="kind")
+    from farm.kinds import kind_names  # the job-kind registry (it imports this module's spec classes)
+
+    if data.get("kind") not in kind_names():
+        raise SpecError(f"{source}: kind: must be 'train' or 'extract', got {excerpt(data.get('kind'))}", field="kind")
+    if data.get("kind") == "merge":  # issue 13: a merge names an adapter, the farm fills in the rest
+        raise SpecError(f"{source}: kind: merge jobs are submitted with `farm merge NAME[:VERSION]` or POST "
+                        "/v1/merges", field="kind")
     try:
         return _job_spec_adapter.validate_python(data)
     except ValidationError as exc:
@@ -282,18 +343,20 @@ def load_spec(path: str | Path) -> TrainSpec | ExtractSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read spec file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # safe_load with an alias, size and depth budget (issue 11)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except InputTooComplex as exc:
+        raise SpecError(f"{path}: {exc}") from None
     spec = parse_spec(data, source=str(path))
     return resolve_local_paths(spec, path.parent)
 
 
 def _is_local(ref: str, base_dir: Path, *, hub_ids: bool) -> bool:
     """A local path, not a store reference, URL or (for models) a hub id like `org/name`."""
-    if "://" in ref or ref.startswith("store:"):
+    if "://" in ref or is_store_ref(ref):
         return False
     if not hub_ids or ref.startswith((".", "/", "~")):
         return True
@@ -331,7 +394,4 @@ def spec_hash(spec) -> str:
 
 def queue_for(spec) -> str:
     """The Celery queue that serves this spec's resources: farm.cpu, farm.cpu.N, farm.gpu.N."""
-    res = spec.resources
-    if res.gpus > 0:
-        return f"farm.gpu.{res.gpus}"
-    return "farm.cpu" if res.cpu_slots == 1 else f"farm.cpu.{res.cpu_slots}"
+    return queue_name(gpus=spec.resources.gpus, cpu_slots=spec.resources.cpu_slots)

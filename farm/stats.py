@@ -12,9 +12,16 @@ from sqlalchemy import func, select
 from farm.catalog import repository as repo
 from farm.catalog.models import JOB_STATES, READY, Adapter, Job
 from farm.catalog.session import session_scope
+from farm.names import CPU_QUEUE
 from farm.settings import FarmSettings
 
-DEFAULT_QUEUES = ("farm.cpu",)
+DEFAULT_QUEUES = (CPU_QUEUE,)
+
+# Job durations, in seconds: from a second to a day (training jobs run for hours). The API's job-duration histogram
+# and Flower's task-runtime histogram (farm.flower; its default stops at 10 s) use these, so both dashboards line up.
+JOB_DURATION_BUCKETS_S: tuple[float, ...] = (
+    1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
+)
 
 
 @dataclass

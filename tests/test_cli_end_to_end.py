@@ -35,9 +35,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def api_server(farm_stack):
+def api_server(farm_stack, tiny_model_dir):
     port = free_port()
-    env = {**farm_stack.env, "FARM_API_TOKENS": json.dumps(TOKENS)}
+    env = {**farm_stack.env, "FARM_API_TOKENS": json.dumps(TOKENS),
+           "FARM_MODEL_ROOTS": json.dumps([str(tiny_model_dir.parent)])}  # issue 11: remote local models
     log = (farm_stack.root / "api.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "api", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

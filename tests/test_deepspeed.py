@@ -444,7 +444,7 @@ def test_killed_worker_two_process_job_resumes_from_its_checkpoint(zero_farm, ti
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({**spec_dict(tiny_model_dir, data, **training), "name": "zero-resumed"}))
-    job = service.submit_job(path, settings=settings)
+    job = service.submit_job(path, settings=settings, force=True)  # the reference's content: not deduplicated
     deadline = time.monotonic() + 300
     while True:
         view = service.get_job(job.id, settings=settings)

@@ -40,7 +40,7 @@ def test_killed_worker_job_resumes_from_checkpoint_and_publishes_once(farm_stack
     interrupted = write_spec(tmp_path / "job.yaml", tiny_model_dir, data, **spec)
     text = interrupted.read_text().replace("name: e2e-bot", "name: e2e-resumed")
     interrupted.write_text(text)
-    job = service.submit_job(interrupted, settings=settings)
+    job = service.submit_job(interrupted, settings=settings, force=True)  # identical content: not deduplicated
 
     def checkpointed(view):
         with session_scope(settings.database_url) as session:

@@ -3,7 +3,8 @@
 The supervisor takes `<home>/locks/gpu<k>.lock` (or `cpu<k>.lock`) with a non-blocking `flock` before it starts
 a worker and holds it while the worker lives. The worker inherits the locked descriptor too: if the supervisor
 is killed outright, the lock stays held until its orphaned worker is gone as well, so nothing can start a
-second worker on that device meanwhile. The file records who holds it, for the error a latecomer gets.
+second worker on that device meanwhile (a restarted supervisor waits for it: see DeviceBusy.holder_gone). The file
+records who holds it, for the error a latecomer gets.
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ from farm.errors import FarmError
 
 
 class DeviceBusy(FarmError):
-    """A device this supervisor was asked for is already held by another worker supervisor on this host."""
+    """A device this supervisor was asked for is already held by another worker supervisor on this host.
+
+    `holder_gone`: the supervisor that took it is dead and only its orphaned worker still holds the lock (it hands
+    its job back and exits on its own); a new supervisor waits for the device then (issue 11).
+    """
 
     code = "device_busy"
+
+    def __init__(self, message: str, *, field: str | None = None, holder_gone: bool = False,
+                 worker_pid: int | None = None):
+        super().__init__(message, field=field)
+        self.holder_gone = holder_gone
+        self.worker_pid = worker_pid
 
 
 def _describe(kind: str, index: int) -> str:
@@ -70,7 +81,10 @@ def acquire_device_lock(lock_dir: Path, kind: str, index: int) -> DeviceLock:
     except BlockingIOError:
         holder = _read_holder(fd)
         os.close(fd)
-        raise DeviceBusy(_busy_message(kind, index, path, holder), field="gpus" if kind == "gpu" else "cpus")
+        sup, worker = holder.get("supervisor_pid"), holder.get("worker_pid")
+        gone = isinstance(sup, int) and not _pid_alive(sup)
+        raise DeviceBusy(_busy_message(kind, index, path, holder), field="gpus" if kind == "gpu" else "cpus",
+                         holder_gone=gone, worker_pid=worker if isinstance(worker, int) else None)
     except BaseException:
         os.close(fd)
         raise

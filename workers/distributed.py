@@ -21,7 +21,6 @@ imports it to build the command.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -32,9 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-EVENT_PREFIX = "@@farm "  # farm.runner_protocol.EVENT_PREFIX (not imported: keep this module's imports light)
+from farm.runner_protocol import EVENT_PREFIX, parse_line  # json only: this module's imports stay light
+from workers.pdeathsig import die_with_parent  # ctypes only
+
 GRACE_SECONDS = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 def distributed_command(job_file: Path, spec: dict, ranks: int,
@@ -78,25 +78,8 @@ def rank_env(base: dict[str, str], rank: int, world: int, port: int) -> dict[str
             "PYTHONUNBUFFERED": "1"}
 
 
-def _is_error_event(line: str) -> bool:
-    if not line.startswith(EVENT_PREFIX):
-        return False
-    try:
-        event = json.loads(line[len(EVENT_PREFIX):])
-    except json.JSONDecodeError:
-        return False
-    return isinstance(event, dict) and event.get("type") == "error"
-
-
 def _same_error(a: dict | None, b: dict) -> bool:
     return a is not None and (a.get("code"), a.get("message")) == (b.get("code"), b.get("message"))
-
-
-def _die_with_launcher() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class Launcher:
@@ -119,8 +102,9 @@ class Launcher:
 
     def _relay(self, rank: int, stream) -> None:
         for line in stream:
-            if _is_error_event(line):
-                self.rank_errors.setdefault(rank, json.loads(line[len(EVENT_PREFIX):]))
+            event = parse_line(line)
+            if event is not None and event.get("type") == "error":
+                self.rank_errors.setdefault(rank, event)
             self._write(line if rank == 0 else f"[rank {rank}] {line}")
 
     def start(self) -> None:
@@ -130,7 +114,7 @@ class Launcher:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.runner", self.job_file], env=rank_env(base, rank, self.nproc, port),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                preexec_fn=_die_with_launcher)  # same process group as the launcher: cancel reaches every rank
+                preexec_fn=die_with_parent)  # same process group as the launcher: cancel reaches every rank
             self.procs.append(proc)
             relay = threading.Thread(target=self._relay, args=(rank, proc.stdout), daemon=True)
             relay.start()

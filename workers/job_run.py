@@ -1,21 +1,23 @@
-"""One claimed attempt of a job, supervised: fetch inputs, start the runner in its own process group, relay its
-progress, renew the lease, enforce cancel and time limits, then publish or record the failure.
+"""One claimed attempt of a job, from inputs to outcome. Heavy work never happens here: this runs in a Celery pool
+process that only watches the runner.
 
-Heavy work never happens here: this runs in a Celery pool process that only watches the runner.
+The attempt in order, one module per concern:
+
+1. fetch the inputs the job's kind declares and write the runner's job file (workers/inputs.py);
+2. start the runner in its own process group and watch it: heartbeat, cancel, time limit, worker stop
+   (workers/child.py), while a thread relays its events to the catalog (workers/relay.py);
+3. decide the outcome and record it: publish (workers/publish.py), or fail through the retry policy
+   (workers/outcome.py, farm.errors.next_state).
+
+Every catalog write is fenced by the claim: once another attempt owns the job, this one is `lost` and stops.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import threading
-import time
-from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,47 +25,31 @@ from farm.catalog import repository as repo
 from farm.catalog.models import CANCELLING
 from farm.catalog.repository import Claim
 from farm.catalog.session import session_scope
-from farm.errors import FarmError, StaleAttempt
-from farm.runner_protocol import parse_line
+from farm.errors import FarmError, InputFetchFailed, PublishFailed, StaleAttempt
+from farm.kinds import JobKind, require_kind
 from farm.settings import FarmSettings
 from workers import inputs
+from workers.child import CANCELLED, LOST, start_child, watch
 from workers.launch import runner_command
+from workers.outcome import Outcome, decide, record_failure
+from workers.job_logs import LogUploader  # issue 16
+from workers.relay import EventRelay
 
 log = logging.getLogger("farm.worker")
 
-# Errors that another attempt cannot fix: the job fails at once.
-PERMANENT_ERRORS = {"invalid_spec", "invalid_dataset", "invalid_model", "integrity_violation", "unschedulable"}
-_PR_SET_PDEATHSIG = 1
 
+@dataclass(frozen=True)
+class JobInfo:
+    """The job's catalog facts that an attempt needs and its provenance records."""
 
-def _die_with_parent() -> None:
-    """In the runner child: get SIGKILL if the supervising worker process dies (no orphaned training)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the runner's whole process group (every rank), then SIGKILL what is left after `grace` seconds."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            # ranks may outlive the launcher: make sure the group is empty
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        return
+    id: str
+    attempt: int
+    queue: str
+    worker: str
+    submitted_by: str | None
+    spec_hash: str
+    created_at: str
+    started_at: str | None
 
 
 class JobRun:
@@ -72,18 +58,17 @@ class JobRun:
     def __init__(self, claim: Claim, settings: FarmSettings, on_progress: Callable[[dict], None] | None = None):
         self.claim = claim
         self.settings = settings
-        self.on_progress = on_progress or (lambda event: None)
         self.dir = Path(settings.work_dir).resolve() / claim.job_id / f"attempt-{claim.attempt}"
-        self.done: dict | None = None
-        self.error: dict | None = None
         self.lost = False
-        self.log_tail: deque[str] = deque(maxlen=40)
+        self.relay = EventRelay(claim.job_id, settings, self._write, on_progress or (lambda event: None))
+        # issue 16: the runner's whole log, kept in the store (`farm logs`)
+        self.logs = LogUploader(settings, claim.job_id, claim.attempt, self.dir / "runner.log")
+        self.relay.log_file = self.logs.path
         self._db_lock = threading.Lock()
         self.stop_requested = threading.Event()  # set by the pool process's SIGTERM handler
 
-    # ------------------------------------------------------------ catalog helpers (fenced by the claim)
-
     def _write(self, fn, *args, **kwargs):
+        """Run a repository write fenced by the claim (serialised: the relay thread writes too)."""
         try:
             with self._db_lock, session_scope(self.settings.database_url) as session:
                 return fn(session, self.claim, *args, **kwargs)
@@ -95,178 +80,95 @@ class JobRun:
 
     def run(self) -> str:
         """Returns the job's final state for this attempt: succeeded, failed, cancelled, recovering or lost."""
-        with session_scope(self.settings.database_url) as session:
-            job = repo.get_job(session, self.claim.job_id)
-            spec, job_info = dict(job.spec), {
-                "id": job.id, "attempt": self.claim.attempt, "queue": job.queue, "worker": self.claim.worker,
-                "submitted_by": job.submitted_by, "spec_hash": job.spec_hash,
-                "created_at": job.created_at.isoformat(), "started_at": job.started_at and job.started_at.isoformat(),
-            }
-            ckpt = repo.latest_checkpoint(session, job.id)
-            ckpt = (ckpt.prefix, ckpt.step) if ckpt else None
+        info, spec, checkpoint = self._load()
         try:
-            job_file, job_doc = self._prepare(spec, ckpt)
+            kind = require_kind(spec.get("kind"))
+            job_file, job_doc = inputs.write_job_file(self.dir, self.claim.job_id, self.claim.attempt, spec,
+                                                      checkpoint, self.settings)
         except FarmError as exc:
-            return self._finish_failed(exc.code, exc.message)
+            return self._fail(Outcome.failed(exc))
         except Exception as exc:  # a store or network hiccup: another attempt may do better
-            return self._finish_failed("input_fetch_failed", f"{type(exc).__name__}: {exc}")
-        rc, reason = self._supervise(job_file, spec)
-        if self.lost:
+            return self._fail(Outcome.failed(InputFetchFailed(f"{type(exc).__name__}: {exc}")))
+        timeout_minutes = spec.get("resources", {}).get("timeout_minutes")
+        child = self._supervise(job_file, spec, timeout_minutes)
+        self.logs.sync()  # issue 16: the attempt's last lines, before its outcome is recorded
+        outcome = decide(child, self.relay, lost=self.lost, timeout_minutes=timeout_minutes)
+        if outcome.kind == "lost":
             return "lost"
-        if reason == "cancelled":
+        if outcome.kind == "cancelled":
             self._write(repo.mark_cancelled)
             return "cancelled"
-        if reason == "worker_stopping":  # the worker is shutting down: hand the job back, it resumes elsewhere
-            return self._finish_failed("worker_stopped", "the worker was stopped; the job resumes from its last "
-                                                         "checkpoint on another worker", retry=True)
-        if reason == "timeout":
-            return self._finish_failed("timeout", f"killed after resources.timeout_minutes="
-                                                  f"{spec['resources'].get('timeout_minutes')}", retry=False)
-        if rc == 0 and self.done is not None:
-            from workers.publish import publish_artifact
+        if outcome.kind == "failed":
+            return self._fail(outcome)
+        return self._publish(kind, spec, info, job_doc)
 
-            try:
-                adapter = publish_artifact(self, spec, job_info, job_doc)
-            except StaleAttempt:
-                return "lost"
-            except Exception as exc:  # the store or catalog failed mid-publish: the next attempt republishes
-                log.exception("job %s: publishing failed", self.claim.job_id)
-                return self._finish_failed("publish_failed", f"{type(exc).__name__}: {exc}", retry=True)
-            log.info("job %s published %s", self.claim.job_id, adapter)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            return "succeeded"
-        if self.error:
-            return self._finish_failed(self.error.get("code", "runner_error"), self.error.get("message", ""))
-        tail = "\n".join(self.log_tail)
-        if rc is not None and rc < 0:
-            return self._finish_failed("runner_killed", f"runner killed by signal {-rc}\n{tail}")
-        return self._finish_failed("runner_crashed", f"runner exited with status {rc}\n{tail}")
+    def _load(self) -> tuple[JobInfo, dict, tuple[str, int] | None]:
+        with session_scope(self.settings.database_url) as session:
+            job = repo.get_job(session, self.claim.job_id)
+            info = JobInfo(id=job.id, attempt=self.claim.attempt, queue=job.queue, worker=self.claim.worker,
+                           submitted_by=job.submitted_by, spec_hash=job.spec_hash,
+                           created_at=job.created_at.isoformat(),
+                           started_at=job.started_at and job.started_at.isoformat())
+            ckpt = repo.latest_checkpoint(session, job.id)
+            return info, dict(job.spec), (ckpt.prefix, ckpt.step) if ckpt else None
 
-    def _finish_failed(self, code: str, message: str, retry: bool | None = None) -> str:
-        retry = code not in PERMANENT_ERRORS if retry is None else retry
-        try:
-            if retry:
-                requeue = self._write(repo.release_for_retry, code, message)
-                if requeue:
-                    from farm.queue import ring_doorbell
-
-                    with session_scope(self.settings.database_url) as session:
-                        queue = repo.get_job(session, self.claim.job_id).queue
-                    ring_doorbell(self.claim.job_id, queue, settings=self.settings, countdown=2)
-                    return "recovering"
-                return "failed"
-            self._write(repo.fail_job, code, message)
-        except StaleAttempt:
-            return "lost"
-        return "failed"
-
-    def _prepare(self, spec: dict, ckpt: tuple[str, int] | None) -> tuple[Path, dict]:
-        s = self.settings
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        (self.dir / "output").mkdir(parents=True)
-        (self.dir / "checkpoints").mkdir()
-        doc = {
-            "job_id": self.claim.job_id, "attempt": self.claim.attempt, "spec": spec,
-            "base_model": inputs.fetch_model(spec["base_model"], s),
-            "finetuned_model": inputs.fetch_model(spec["finetuned_model"], s) if spec.get("finetuned_model") else None,
-            "dataset": None, "eval_dataset": None, "continue_from": None, "resume_from": None, "resume_step": None,
-            "output_dir": str(self.dir / "output"), "checkpoint_dir": str(self.dir / "checkpoints"),
-        }
-        if spec["kind"] == "train":
-            doc["dataset"] = inputs.fetch_dataset(spec["dataset"]["path"], s)
-            if spec["dataset"].get("eval_path"):
-                doc["eval_dataset"] = inputs.fetch_dataset(spec["dataset"]["eval_path"], s)
-            if spec.get("continue_from"):
-                doc["continue_from"] = str(inputs.fetch_adapter(spec["continue_from"], self.dir / "parent", s))
-        if ckpt is not None:
-            prefix, step = ckpt
-            doc["resume_from"] = str(inputs.fetch_checkpoint(prefix, self.dir / "resume" / f"step-{step}", s))
-            doc["resume_step"] = step
-        job_file = self.dir / "job.json"
-        job_file.write_text(json.dumps(doc, indent=2))
-        return job_file, doc
-
-    def _supervise(self, job_file: Path, spec: dict) -> tuple[int | None, str | None]:
+    def _supervise(self, job_file: Path, spec: dict, timeout_minutes: float | None):
         argv, env = runner_command(job_file, spec)
         log.info("job %s attempt %d: %s", self.claim.job_id, self.claim.attempt, " ".join(argv))
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_die_with_parent, env=env, cwd=self.dir,
-                                text=True, bufsize=1)
-        reader = threading.Thread(target=self._relay, args=(proc,), daemon=True)
+        proc = start_child(argv, env, self.dir)
+        reader = threading.Thread(target=self.relay.read, args=(proc,), daemon=True)
         reader.start()
-        timeout_min = spec.get("resources", {}).get("timeout_minutes")
-        deadline = time.monotonic() + timeout_min * 60 if timeout_min else None
-        reason = None
-        next_beat = time.monotonic() + self.settings.heartbeat_seconds
+        return watch(proc, reader, heartbeat=self._heartbeat, heartbeat_seconds=self.settings.heartbeat_seconds,
+                     timeout_minutes=timeout_minutes, stop_requested=self.stop_requested, lost=lambda: self.lost,
+                     cancel_check=self._cancel_requested)
+
+    def _cancel_requested(self) -> bool:
+        """issue 11: whether the job is being cancelled, read between heartbeats (one indexed SELECT), so a cancel
+        stops the runner within about a second instead of at the next heartbeat."""
+        from sqlalchemy import select
+
+        from farm.catalog.models import Job
+
         try:
-            while True:
-                try:
-                    proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if self.stop_requested.is_set():
-                    reason = "worker_stopping"
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    reason = "timeout"
-                    break
-                if self.lost:
-                    break
-                if time.monotonic() < next_beat:
-                    continue
-                next_beat = time.monotonic() + self.settings.heartbeat_seconds
-                try:
-                    if self._write(repo.renew_lease, self.settings.lease_seconds) == CANCELLING:
-                        reason = "cancelled"
-                        break
-                except StaleAttempt:
-                    log.warning("job %s attempt %d lost its lease; stopping", self.claim.job_id, self.claim.attempt)
-                    break
-                except Exception as exc:  # the catalog blinked; the lease has slack for a few misses
-                    log.warning("heartbeat failed: %s", exc)
-        finally:
-            if proc.poll() is None:
-                kill_group(proc)
-            reader.join(timeout=30)
-        return proc.returncode, reason
+            with session_scope(self.settings.database_url) as session:
+                return session.scalar(select(Job.state).where(Job.id == self.claim.job_id)) == CANCELLING
+        except Exception:  # the catalog blinked: the heartbeat notices the cancel anyway
+            return False
 
-    def _relay(self, proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            event = parse_line(line)
-            if event is None:
-                self.log_tail.append(line.rstrip())
-                log.debug("runner: %s", line.rstrip())
-                continue
-            try:
-                self._handle(event)
-            except StaleAttempt:
-                log.warning("job %s: stale attempt; killing runner", self.claim.job_id)
-                kill_group(proc, grace=1)
-            except Exception:
-                log.exception("job %s: could not handle runner event %s", self.claim.job_id, event.get("type"))
+    def _heartbeat(self) -> str | None:
+        """Renew the lease; a reason to stop the runner when the job is being cancelled or was taken over."""
+        self.logs.sync()  # issue 16: `farm logs -f` follows the attempt as it runs
+        try:
+            if self._write(repo.renew_lease, self.settings.lease_seconds) == CANCELLING:
+                return CANCELLED
+        except StaleAttempt:
+            log.warning("job %s attempt %d lost its lease; stopping", self.claim.job_id, self.claim.attempt)
+            return LOST
+        except Exception as exc:  # the catalog blinked; the lease has slack for a few misses
+            log.warning("heartbeat failed: %s", exc)
+        return None
 
-    def _handle(self, event: dict) -> None:
-        kind = event.pop("type")
-        if kind == "progress":
-            self._write(repo.record_progress, event)
-            self.on_progress(event)
-        elif kind in ("eval", "log"):
-            self._write(repo.record_progress, event, event_type=kind)
-        elif kind == "checkpoint":
-            self._upload_checkpoint(int(event["step"]), Path(event["path"]))
-        elif kind == "done":
-            self.done = event
-        elif kind == "error":
-            self.error = event
+    def _fail(self, outcome: Outcome) -> str:
+        return record_failure(self._write, self.settings, self.claim.job_id, outcome.code, outcome.message)
 
-    def _upload_checkpoint(self, step: int, path: Path) -> None:
-        from farm.store import open_store
-        from farm.store.transfer import upload_tree
+    def _publish(self, kind: JobKind, spec: dict, info: JobInfo, job_doc: dict) -> str:
+        from workers.publish import RunnerOutput, publish
 
-        prefix = f"jobs/{self.claim.job_id}/checkpoints/step-{step}/"
-        files = upload_tree(open_store(self.settings.store_url, self.settings), path, prefix)
-        self._write(repo.record_checkpoint, step, prefix, files)
-        shutil.rmtree(path, ignore_errors=True)
+        out = RunnerOutput(kind=kind, spec=spec, job_info=asdict(info), job_doc=job_doc, done=self.relay.done or {},
+                           output_dir=self.dir / "output")
+        try:
+            published = publish(self.settings, self.claim, out)
+        except StaleAttempt:
+            return "lost"
+        except Exception as exc:  # the store or catalog failed mid-publish: the next attempt republishes
+            log.exception("job %s: publishing failed", self.claim.job_id)
+            return self._fail(Outcome.failed(PublishFailed(f"{type(exc).__name__}: {exc}")))
+        log.info("job %s published %s", self.claim.job_id, published)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:  # issue 13: the job's checkpoints go after publishing unless training.keep_checkpoints_after_publish
+            from farm.checkpoints import prune_after_publish
+
+            prune_after_publish(self.claim.job_id, settings=self.settings)
+        except Exception:  # the adapter is published; leftover checkpoints are only storage
+            log.exception("job %s: could not delete its checkpoints", self.claim.job_id)
+        return "succeeded"

@@ -1,9 +1,9 @@
 """The runner child process: `python -m workers.runner JOB_JSON_PATH`.
 
-Reads the job file the supervisor wrote (farm/runner_protocol.py), runs the job by its spec's kind, and reports
-through JSON-line events on stdout. Exit status 0 after a `done` event; 1 after an `error` event: a FarmError
-keeps its code and message, anything else becomes `runner_crashed` with the end of the traceback (so the
-supervisor may try another attempt).
+Reads the job file the supervisor wrote (farm/runner_protocol.py), runs the runner its spec's kind registers
+(farm/kinds.py), and reports through JSON-line events on stdout. Exit status 0 after a `done` event; 1 after an
+`error` event: a FarmError keeps its code and message, anything else becomes `runner_crashed` with the end of the
+traceback (so the supervisor may try another attempt).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from farm.errors import FarmError, SpecError
+from farm.kinds import require_kind
 from farm.runner_protocol import emit
 
 TRACEBACK_LINES = 15
@@ -38,6 +39,19 @@ def limit_threads() -> int:
     return torch.get_num_threads()
 
 
+def limit_memory() -> None:
+    """Cap this runner's address space at FARM_RUNNER_MEMORY_LIMIT_MB (RLIMIT_AS) when set (issue 14): a job that
+    needs more fails to allocate, and is retried with a smaller micro-batch. For CPU runners: CUDA reserves more
+    address space than any sensible cap, and a GPU's own memory is its limit."""
+    from farm.settings import get_settings
+
+    limit_mb = get_settings().runner_memory_limit_mb
+    if limit_mb:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2**20, limit_mb * 2**20))
+
+
 def read_job(path: str | Path) -> dict:
     """The job file as a dict; SpecError when it is missing, not JSON, or has no spec kind."""
     path = Path(path)
@@ -48,13 +62,12 @@ def read_job(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: unreadable job file: {exc}") from None
     kind = job.get("spec", {}).get("kind") if isinstance(job, dict) and isinstance(job.get("spec"), dict) else None
-    if kind not in ("train", "extract"):
-        raise SpecError(f"{path}: spec.kind must be 'train' or 'extract', got {kind!r}", field="kind")
+    require_kind(kind, f"{path}: spec")
     return job
 
 
 def run_job(job: dict) -> None:
-    """Dispatch on spec.kind; heavy modules are imported only for the kind that runs."""
+    """Run the job's kind's runner; heavy modules are imported only for the kind that runs."""
     limit_threads()
     try:
         from transformers.utils import logging as hf_logging
@@ -62,14 +75,7 @@ def run_job(job: dict) -> None:
         hf_logging.disable_progress_bar()  # progress bars would flood the supervisor's log tail
     except ImportError:
         pass
-    if job["spec"]["kind"] == "train":
-        from farm.training.run import run_training
-
-        run_training(job, emit)
-    else:
-        from farm.extraction.run import run_extraction
-
-        run_extraction(job, emit)
+    require_kind(job["spec"]["kind"]).runner_function()(job, emit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,16 +85,31 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m workers.runner JOB_JSON_PATH", file=sys.stderr)
         return 2
     try:
+        limit_memory()
         run_job(read_job(argv[0]))
     except FarmError as exc:
         emit({"type": "error", "code": exc.code, "message": exc.message})
         return 1
-    except Exception:
+    except Exception as exc:
+        from farm.automation.oom import OOM_CODE, is_out_of_memory  # issue 14: retried with a smaller micro-batch
+
         lines = traceback.format_exc().rstrip().splitlines()[-TRACEBACK_LINES:]
-        emit({"type": "error", "code": "runner_crashed", "message": "\n".join(lines)})
+        code = OOM_CODE if is_out_of_memory(exc) else "runner_crashed"
+        emit({"type": "error", "code": code, "message": "\n".join(lines)})
         return 1
     return 0
 
 
+def exit_now(status: int) -> None:
+    """Leave as soon as the output is flushed (issue 12): every file is closed and `done` or `error` is sent by
+    now, and the interpreter's teardown (finalising torch, threads, modules) cost seconds after a job. One process
+    only: the ranks of a multi-process job leave the ordinary way, after their collectives."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

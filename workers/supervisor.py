@@ -4,9 +4,17 @@
 (CUDA_VISIBLE_DEVICES), serving the queue for its device count, named gpu<k>@<host> (gpu0-3@<host> for a
 group). The supervisor holds a lock per device (workers/device_lock.py), restarts a worker that dies (with
 backoff, giving up on a slot that keeps dying at start), and on SIGTERM/SIGINT stops every worker: SIGTERM to
-each worker's process group (Celery's warm shutdown; the task side kills its runner), SIGKILL after a grace
-period. On Linux it is also a child subreaper: a worker's descendant orphaned by a crash (a runner in its own
-session) is re-parented to the supervisor, which kills it, so no training outlives its worker.
+each worker's process group (Celery's warm shutdown; the task side kills its runner and hands the job back),
+SIGKILL after a grace period. On Linux it is also a child subreaper: a worker's descendant orphaned by a crash (a
+runner in its own session) is re-parented to the supervisor, which kills it, so no training outlives its worker.
+
+A supervisor killed outright (SIGKILL, OOM) leaves its workers a parent-death signal, SIGQUIT: Celery's cold
+shutdown, which sends the running task's pool process SIGTERM, so the job is handed back (`recovering`, resumed
+from its checkpoint) within seconds and the worker exits (issue 11). A supervisor started meanwhile finds the
+device lock still held by that orphan: it says so and waits for the slot instead of exiting.
+
+It also runs the lease reaper (workers/reaper.py) as a process of its own, restarted like a worker: no thread
+runs in a Celery worker, whose prefork pool forks after every job.
 
 The supervisor never imports torch or touches CUDA; it only starts processes.
 """
@@ -14,7 +22,6 @@ The supervisor never imports torch or touches CUDA; it only starts processes.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -28,17 +35,18 @@ from pathlib import Path
 
 from farm.errors import FarmError
 from farm.settings import FarmSettings, get_settings
-from workers.device_lock import DeviceLock, acquire_device_locks
+from workers.device_lock import DeviceBusy, DeviceLock, acquire_device_locks
 from workers.devices import parse_gpu_selection, probe_gpus
-from workers.slots import Slot, plan_slots, worker_command
+from workers.pdeathsig import become_subreaper, set_parent_death_signal, term_with_parent
+from workers.slots import Slot, plan_slots, settings_env, worker_command
 
 __all__ = ["RestartPolicy", "Slot", "Supervisor", "plan_slots", "run_supervisor", "worker_command"]
 
 log = logging.getLogger("farm.supervisor")
 
 CommandFactory = Callable[[Slot, str, FarmSettings], tuple[list[str], dict[str, str]]]
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
+WAIT_LOG_EVERY = 30.0
+"""While a slot waits for a device an orphaned worker still holds, the wait is logged again this often (s)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class RestartPolicy:
 
 @dataclass
 class _Worker:
-    slot: Slot
+    slot: Slot | None  # None: the reaper process
     node: str
     locks: list[DeviceLock] = field(default_factory=list)
     proc: subprocess.Popen | None = None
@@ -63,28 +71,22 @@ class _Worker:
     rapid_deaths: int = 0
     next_start: float = 0.0
     gave_up: bool = False
+    waiting_since: float | None = None  # its device is still held by an orphaned worker of a dead supervisor
+    waiting_logged: float = float("-inf")
 
 
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None  # prctl is Linux-only; elsewhere we simply do without subreaping and parent-death signals
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+def _quit_with_parent() -> None:  # runs in a Celery worker between fork and exec
+    # A supervisor killed outright (SIGKILL, OOM): SIGQUIT is Celery's cold shutdown, which SIGTERMs the running
+    # task's pool process (its handler stops the runner and hands the job back) and then exits. SIGTERM would be
+    # a warm shutdown that lets the job train to its end, holding the device (issue 11).
+    set_parent_death_signal(signal.SIGQUIT)
 
 
-_LIBC = _load_libc()  # loaded up front: the worker's pre-exec hook runs between fork and exec
-
-
-def _become_subreaper() -> bool:
-    return bool(_LIBC is not None and _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-
-
-def _term_with_parent() -> None:  # runs in the worker between fork and exec
-    # a supervisor killed outright (SIGKILL, OOM) still gets its workers a warm shutdown
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def reaper_command(settings: FarmSettings) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the reaper process (workers/reaper.py) a supervisor runs beside its workers."""
+    env = dict(os.environ)
+    env.update(settings_env(settings))
+    return [sys.executable, "-m", "workers.reaper"], env
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -161,7 +163,8 @@ class Supervisor:
 
     def __init__(self, slots: list[Slot], settings: FarmSettings, *, hostname: str | None = None,
                  command_factory: CommandFactory | None = None, app: str = "workers.tasks",
-                 grace_seconds: float = 30.0, policy: RestartPolicy | None = None, poll_seconds: float = 0.2):
+                 grace_seconds: float = 30.0, policy: RestartPolicy | None = None, poll_seconds: float = 0.2,
+                 reaper: bool = False):
         if len({s.name for s in slots}) != len(slots):
             raise FarmError("two worker slots share a device: give each device to one slot", field="slots")
         self.settings = settings
@@ -171,6 +174,7 @@ class Supervisor:
         self.policy = policy or RestartPolicy()
         self.poll_seconds = poll_seconds
         self.workers = [_Worker(s, f"{s.name}@{self.hostname}") for s in slots]
+        self.reaper = _Worker(None, f"reaper@{self.hostname}") if reaper else None
         self._by_pid: dict[int, _Worker] = {}
         self._orphans: dict[int, float] = {}  # process group of an adopted orphan -> when to SIGKILL it
         self._stop_requests = 0
@@ -181,17 +185,16 @@ class Supervisor:
     def run(self) -> int:
         """Take the device locks, start the workers, supervise until a stop signal; 0 on a clean stop, 1 when
         every slot was given up. Raises DeviceBusy (nothing started) when a device is taken."""
-        lock_dir = Path(self.settings.home) / "locks"
         try:
             for w in self.workers:
-                w.locks = acquire_device_locks(lock_dir, w.slot.kind, list(w.slot.indexes))
+                self._take_locks(w, first=True)
         except BaseException:
             self._release_locks()
             raise
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT,
                                                                         signal.SIGHUP)}
         try:
-            self._subreaper = _become_subreaper()
+            self._subreaper = become_subreaper()
             log.info("supervising %d worker(s) on %s: %s", len(self.workers), self.hostname,
                      "; ".join(f"{w.node} -> {w.slot.describe()}, queue {w.slot.queue}" for w in self.workers))
             code = 1
@@ -212,6 +215,27 @@ class Supervisor:
     def _on_signal(self, signum, frame) -> None:
         self.request_stop()
 
+    def _take_locks(self, w: _Worker, first: bool = False) -> bool:
+        """Take the slot's device locks; True when held. A device an orphaned worker of a dead supervisor still
+        holds makes the slot wait (logged); one a live supervisor holds raises DeviceBusy at the first try."""
+        try:
+            w.locks = acquire_device_locks(Path(self.settings.home) / "locks", w.slot.kind, list(w.slot.indexes))
+        except DeviceBusy as exc:
+            if first and not exc.holder_gone:
+                raise
+            now = time.monotonic()
+            if w.waiting_since is None:
+                w.waiting_since = now
+            if now - w.waiting_logged >= WAIT_LOG_EVERY:
+                w.waiting_logged = now
+                log.warning("waiting for %s to be freed before starting %s (waited %.0f s so far): %s",
+                            w.slot.describe(), w.node, now - w.waiting_since, exc.message)
+            return False
+        if w.waiting_since is not None:
+            log.info("%s is free after %.1f s: taking it", w.slot.describe(), time.monotonic() - w.waiting_since)
+            w.waiting_since = None
+        return True
+
     def _release_locks(self) -> None:
         for w in self.workers:
             for lock in w.locks:
@@ -221,13 +245,23 @@ class Supervisor:
     # ---- the loop --------------------------------------------------------------------------------------------
 
     def _supervise(self) -> int:
-        next_scan = 0.0
+        next_scan = next_lock_try = 0.0
         while not self._stop_requests:
             self._reap()
             now = time.monotonic()
+            try_locks, next_lock_try = now >= next_lock_try, max(next_lock_try, now)
             for w in self.workers:
                 if w.proc is None and not w.gave_up and now >= w.next_start:
+                    if not w.locks:  # waiting for a device an orphaned worker holds: try again each second
+                        if not try_locks:
+                            continue
+                        next_lock_try = now + 1.0
+                        if not self._take_locks(w):
+                            continue
                     self._start(w)
+            r = self.reaper
+            if r is not None and r.proc is None and not r.gave_up and now >= r.next_start:
+                self._start(r)
             if all(w.gave_up for w in self.workers):
                 log.error("every worker slot was given up; the supervisor exits")
                 return 1
@@ -239,11 +273,16 @@ class Supervisor:
         return 0
 
     def _start(self, w: _Worker) -> None:
-        argv, env = self.command_factory(w.slot, self.hostname, self.settings)
+        if w.slot is None:
+            argv, env = reaper_command(self.settings)
+            pre_exec = term_with_parent  # the reaper stops between rounds on SIGTERM
+        else:
+            argv, env = self.command_factory(w.slot, self.hostname, self.settings)
+            pre_exec = _quit_with_parent
         w.started_at = time.monotonic()
         try:
             w.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                      pass_fds=[lock.fd for lock in w.locks], preexec_fn=_term_with_parent)
+                                      pass_fds=[lock.fd for lock in w.locks], preexec_fn=pre_exec)
         except OSError as exc:
             log.error("worker %s could not start (%s): %s", w.node, argv[0], exc)
             self._schedule_restart(w, 0.0)
@@ -251,6 +290,9 @@ class Supervisor:
         self._by_pid[w.proc.pid] = w
         for lock in w.locks:
             lock.record(worker_pid=w.proc.pid, node=w.node)
+        if w.slot is None:
+            log.info("started the reaper %s (pid %d)", w.node, w.proc.pid)
+            return
         log.info("started worker %s (pid %d) on %s, queue %s", w.node, w.proc.pid, w.slot.describe(),
                  w.slot.queue)
 
@@ -289,7 +331,7 @@ class Supervisor:
             w.locks = []
             log.error("worker %s died %d times in a row within %.0f s of starting: giving up on %s and releasing "
                       "its lock. Its log above says why; fix that and restart the supervisor", w.node,
-                      w.rapid_deaths, p.stable_after, w.slot.describe())
+                      w.rapid_deaths, p.stable_after, w.slot.describe() if w.slot else "the reaper")
             return
         delay = min(p.initial_backoff * 2 ** (w.rapid_deaths - 1), p.max_backoff)
         w.next_start = time.monotonic() + delay
@@ -325,7 +367,8 @@ class Supervisor:
     def _shutdown(self) -> None:
         """SIGTERM every worker group (and adopted orphans), SIGKILL what is left after the grace period, and
         return only once no child is left (or it resists SIGKILL for 10 s, which is logged)."""
-        groups = {w.proc.pid for w in self.workers if w.proc is not None} | set(self._orphans)
+        everyone = self.workers + ([self.reaper] if self.reaper is not None else [])
+        groups = {w.proc.pid for w in everyone if w.proc is not None} | set(self._orphans)
         if groups:
             log.info("stopping %d worker(s): SIGTERM (warm shutdown), SIGKILL after %.0f s", len(groups),
                      self.grace_seconds)
@@ -373,8 +416,10 @@ class Supervisor:
 
 def run_supervisor(gpus: str | None, cpus: int | None, group: int, settings: FarmSettings, *,
                    hostname: str | None = None, app: str = "workers.tasks", grace_seconds: float = 30.0,
-                   command_factory: CommandFactory | None = None, policy: RestartPolicy | None = None) -> int:
-    """What `farm worker` runs: pinned workers for `--gpus all|0,1` or `--cpus N`, `group` devices each.
+                   command_factory: CommandFactory | None = None, policy: RestartPolicy | None = None,
+                   reaper: bool | None = None) -> int:
+    """What `farm worker` runs: pinned workers for `--gpus all|0,1` or `--cpus N`, `group` devices each, and the
+    lease reaper (`reaper`; default: on for real workers, off when `command_factory` stands in for them).
 
     Raises FarmError (before starting anything) for a bad selection, a host without the GPUs asked for, a
     group that does not divide the devices, or a device another supervisor holds. Returns the exit code.
@@ -397,7 +442,8 @@ def run_supervisor(gpus: str | None, cpus: int | None, group: int, settings: Far
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [supervisor] %(message)s")
     supervisor = Supervisor(slots, settings, hostname=hostname, app=app, grace_seconds=grace_seconds,
-                            command_factory=command_factory, policy=policy)
+                            command_factory=command_factory, policy=policy,
+                            reaper=command_factory is None if reaper is None else reaper)
     return supervisor.run()
 
 
@@ -412,10 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", default="workers.tasks", help="Celery app of the workers (default workers.tasks)")
     parser.add_argument("--hostname", default=None, help="host part of the node names (default: this host)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL at stop")
+    parser.add_argument("--no-reaper", action="store_true", help="do not run the lease reaper beside the workers")
     args = parser.parse_args(argv)
     try:
         return run_supervisor(args.gpus, 1 if args.cpu else args.cpus, args.group, get_settings(),
-                              hostname=args.hostname, app=args.app, grace_seconds=args.grace)
+                              hostname=args.hostname, app=args.app, grace_seconds=args.grace,
+                              reaper=not args.no_reaper)
     except FarmError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

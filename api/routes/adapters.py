@@ -13,9 +13,11 @@ from starlette.background import BackgroundTask
 
 from api.deps import SettingsDep
 from farm import service
-from farm.errors import ChecksumMismatch, NotFound
+from farm.errors import ChecksumMismatch, NotFound, StoreError
+from farm.limits import excerpt
+from farm.names import adapter_file_key
 from farm.schemas import AdapterPublic
-from farm.store import LocalStore, open_store
+from farm.store import open_store
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -52,23 +54,26 @@ def download_adapter_file(name: str, version: str, path: str, settings: Settings
     entry = next((f for f in view.files if f.path == path), None)
     if entry is None:
         names = ", ".join(f.path for f in view.files)
-        raise NotFound(f"adapter {view.name}:{view.version} has no file {path!r}; its files are: {names}")
+        raise NotFound(f"adapter {view.name}:{view.version} has no file {excerpt(path)}; its files are: {names}")
     # Only paths the catalog lists reach the store: a crafted path cannot name another object.
-    key = f"adapters/{view.name}/v{view.version}/{entry.path}"
+    key = adapter_file_key(view.name, view.version, entry.path)
     headers = {"X-Farm-Sha256": entry.sha256}
     store = open_store(settings.store_url, settings)
     filename = Path(entry.path).name
-    if isinstance(store, LocalStore):
-        return FileResponse(store.root / key, filename=filename, headers=headers)
-    # Other stores: copy to a temp file, checked against the catalog before a byte is served.
+    # Every store, file:// too: copy to a temp file, checked against the catalog before a byte is served (issue 11).
     tmp = Path(tempfile.mkdtemp(prefix="farm-download-"))
+    what = f"{entry.path} of adapter {view.name}:{view.version}"
     try:
-        info = store.get_file(key, tmp / "file")
+        try:
+            info = store.get_file(key, tmp / "file")
+        except NotFound:
+            raise StoreError(f"{what} is listed in the catalog but missing from the store: the stored artifact is "
+                             "damaged; re-publish it (retrain, or restore the store from a backup)",
+                             field=entry.path) from None
         if info.sha256 != entry.sha256:
             raise ChecksumMismatch(
-                f"checksum mismatch for {entry.path} of adapter {view.name}:{view.version}: the catalog records "
-                f"sha256 {entry.sha256}, the store holds {info.sha256}; the stored artifact is corrupt",
-                field=entry.path)
+                f"checksum mismatch for {what}: the catalog records sha256 {entry.sha256}, the store holds "
+                f"{info.sha256}; the stored artifact is corrupt", field=entry.path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

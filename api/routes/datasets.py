@@ -37,10 +37,12 @@ async def upload_dataset(
     request: Request,
     settings: SettingsDep,
     format: Annotated[DatasetFormat, Query(description="The dataset's format, as in dataset.format.")] = "chat",
-    filename: Annotated[str | None, Query(description="Name used in error messages (the client's path).")] = None,
+    filename: Annotated[str | None, Query(max_length=255,
+                                         description="Name used in error messages (the client's path).")] = None,
 ) -> DatasetPublic:
     """Store a dataset for remote jobs: every line is checked exactly as `farm submit` checks a local file, and
-    the file is kept as datasets/<sha256>.jsonl. Use the returned `uri` as dataset.path (or eval_path)."""
+    the file is kept as datasets/<sha256>.jsonl. Use the returned `uri` as dataset.path (or eval_path).
+    Uploads over FARM_API_MAX_UPLOAD_BYTES get 413 and leave nothing behind."""
     # Streamed to disk under the scratch folder (FARM_WORK_DIR): a dataset may be larger than memory or /tmp.
     scratch = Path(settings.work_dir).expanduser() / "uploads"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,12 @@ async def upload_dataset(
         try:
             return await run_in_threadpool(service.store_dataset, path, format, settings=settings)
         except DatasetError as exc:
-            raise _named(exc, str(path), filename or "uploaded dataset") from None
+            raise _named(exc, str(path), _printable(filename) or "uploaded dataset") from None
+
+
+def _printable(name: str | None) -> str | None:
+    """The client's file name for messages: control characters (NUL, newlines) dropped."""
+    return "".join(ch for ch in name if ch.isprintable()) if name else name
 
 
 def _named(exc: DatasetError, temp_path: str, name: str) -> DatasetError:

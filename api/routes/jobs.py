@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 import yaml
@@ -16,6 +15,7 @@ from api.errors import ErrorBody
 from api.deps import CallerDep, SettingsDep
 from farm import service
 from farm.errors import SpecError
+from farm.limits import InputTooComplex, bound_message, load_json, load_yaml
 from farm.schemas import JobEventPublic, JobPublic
 from farm.specs import JobSpec, parse_spec
 
@@ -39,9 +39,10 @@ _SPEC_SCHEMA, SPEC_SCHEMA_DEFS = job_spec_schema()
 _SPEC_BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "A job spec, as JSON (or YAML with Content-Type application/yaml). Local paths in it refer "
-                       "to the server's filesystem: upload a dataset with POST /v1/datasets first and give the "
-                       "returned `store:datasets/<sha256>.jsonl` as dataset.path.",
+        "description": "A job spec, as JSON (or YAML with Content-Type application/yaml). The server's files are "
+                       "not reachable: upload a dataset with POST /v1/datasets first and give the returned "
+                       "`store:datasets/<sha256>.jsonl` as dataset.path; a local base_model must lie under the "
+                       "server's FARM_MODEL_ROOTS. Bodies over FARM_API_MAX_BODY_BYTES get 413.",
         "content": {
             "application/json": {"schema": _SPEC_SCHEMA},
             "application/yaml": {"schema": _SPEC_SCHEMA},
@@ -51,27 +52,36 @@ _SPEC_BODY_DOC = {
 
 
 async def read_spec_body(request: Request) -> object:
-    """The request body as data: JSON, or YAML when the Content-Type says so."""
+    """The request body as data: JSON, or YAML when the Content-Type says so.
+
+    Bounded (issue 11): the body size (413 above FARM_API_MAX_BODY_BYTES, see api/limits.py), YAML aliases and
+    expansion, nesting depth, number size and NUL characters; each refusal is a 422 quoting at most an excerpt.
+    """
     raw = await request.body()
     content_type = request.headers.get("content-type", "")
+    kind = "YAML" if "yaml" in content_type else "JSON"
     try:
-        if "yaml" in content_type:
-            return yaml.safe_load(raw)
-        return json.loads(raw)
+        return await run_in_threadpool(load_yaml if kind == "YAML" else load_json, raw)
+    except InputTooComplex as exc:
+        raise SpecError(f"spec: {exc}") from None
     except (ValueError, yaml.YAMLError) as exc:
-        kind = "YAML" if "yaml" in content_type else "JSON"
-        raise SpecError(f"spec: the request body is not valid {kind} ({exc}); send the spec as a {kind} object") \
-            from None
+        raise SpecError(f"spec: the request body is not valid {kind} ({bound_message(str(exc), 300)}); send the "
+                        f"spec as a {kind} object") from None
 
 
 @router.post("", status_code=201, openapi_extra=_SPEC_BODY_DOC,
              responses={422: {"model": ErrorBody, "description": "The spec, its dataset or its model is invalid: "
                                              "{code, message, field}, the message the CLI prints."}})
 def submit_job(spec: Annotated[object, Depends(read_spec_body)], caller: CallerDep,
-               settings: SettingsDep) -> JobPublic:
-    """Validate a spec exactly as `farm submit` does, record the job (submitted_by = the token's name), enqueue it."""
-    # parse_spec first: a bare string body must never be taken for a spec file path on the server.
-    return service.submit_job(parse_spec(spec), submitted_by=caller, settings=settings)
+               settings: SettingsDep, force: bool = False) -> JobPublic:
+    """Validate a spec exactly as `farm submit` does, record the job (submitted_by = the token's name), enqueue it.
+
+    A job identical in content to one that succeeded or is in flight comes back instead, with `deduplicated: true`
+    and nothing queued, unless `?force=true`.
+    """
+    # parse_spec first: a bare string body must never be taken for a spec file path on the server; and the caller
+    # is remote: its datasets must be uploads or store: refs, its local models under FARM_MODEL_ROOTS (issue 11).
+    return service.submit_job(parse_spec(spec), submitted_by=caller, settings=settings, force=force, remote=True)
 
 
 @router.get("")

@@ -7,8 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from api.deps import SettingsDep
-from farm.stats import FarmStats, collect_stats
-from farm.flower import RUNTIME_BUCKETS_S
+from farm.stats import JOB_DURATION_BUCKETS_S, FarmStats, collect_stats
 
 router = APIRouter(tags=["metrics"])
 
@@ -38,7 +37,7 @@ class _StatsCollector:
         for kind, state, seconds in s.durations:
             groups.setdefault((kind, state), []).append(seconds)
         for (kind, state), values in sorted(groups.items()):
-            buckets = [(_le(b), sum(v <= b for v in values)) for b in RUNTIME_BUCKETS_S]
+            buckets = [(_le(b), sum(v <= b for v in values)) for b in JOB_DURATION_BUCKETS_S]
             buckets.append(("+Inf", len(values)))
             hist.add_metric([kind, state], buckets, sum(values))
         yield hist

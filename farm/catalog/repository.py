@@ -2,6 +2,10 @@
 
 Functions take an open Session and do not commit: the caller's unit of work (``session_scope``) does, so each
 use case is one transaction.
+
+Past 400 lines on purpose: every state transition of a job is here, next to `_fenced` and the locking it relies
+on, so the state machine reads in one place; adapter queries share the version-numbering lock. The retry
+decision itself is declared in farm.errors (`next_state`); `end_failed_attempt` applies it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from farm.catalog.models import (
     JobEvent,
     utcnow,
 )
-from farm.errors import InvalidState, NotFound, StaleAttempt
+from farm.errors import InvalidState, NotFound, StaleAttempt, attempts_left, next_state, retryable
+from farm.names import adapter_prefix
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -78,8 +83,7 @@ def get_job(session: Session, job_id: str) -> Job:
     if job is None:
         matches = []
         if len(job_id) >= 4:
-            # autoescape: a '%' or '_' typed by a user is a character, not a LIKE wildcard.
-            matches = session.scalars(select(Job).where(Job.id.startswith(job_id, autoescape=True)).limit(2)).all()
+            matches = session.scalars(job_prefix_query(job_id)).all()
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -88,23 +92,42 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, *, state: str | None = None, kind: str | None = None, name: str | None = None,
-              limit: int = 50, offset: int = 0) -> list[Job]:
-    q = select(Job).order_by(Job.created_at.desc(), Job.id)
+def job_prefix_query(prefix: str):
+    """At most two jobs whose id starts with `prefix`: a range on the primary key (prefix <= id < next prefix).
+
+    The range is what an index can seek (LIKE 'abc%' is a full scan on PostgreSQL outside the C collation, and on
+    SQLite always); startswith keeps the answer exact whatever the collation orders around the bounds.
+    autoescape: a '%' or '_' typed by a user is a character, not a LIKE wildcard.
+    """
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return (select(Job).where(Job.id >= prefix, Job.id < upper, Job.id.startswith(prefix, autoescape=True))
+            .order_by(Job.id).limit(2))
+
+
+def list_jobs_query(*, state: str | None = None, kind: str | None = None, name: str | None = None,
+                    limit: int = 50, offset: int = 0):
+    """The listing's SELECT, newest first, in the order of the (state,) created_at, id indexes (issue 12)."""
+    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
     if state:
         q = q.where(Job.state == state)
     if kind:
         q = q.where(Job.kind == kind)
     if name:
         q = q.where(Job.name == name)
-    return list(session.scalars(q.limit(limit).offset(offset)))
+    return q.limit(limit).offset(offset)
+
+
+def list_jobs(session: Session, *, state: str | None = None, kind: str | None = None, name: str | None = None,
+              limit: int = 50, offset: int = 0) -> list[Job]:
+    return list(session.scalars(list_jobs_query(state=state, kind=kind, name=name, limit=limit, offset=offset)))
 
 
 def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float) -> Claim | None:
     """Atomically take a queued or recovering job (compare-and-set). None: someone else has it, or it is over."""
     now = utcnow()
     current = session.execute(select(Job.attempt, Job.state, Job.max_attempts).where(Job.id == job_id)).first()
-    if current is None or current.state not in CLAIMABLE_STATES or current.attempt >= current.max_attempts:
+    if (current is None or current.state not in CLAIMABLE_STATES
+            or not attempts_left(current.attempt, current.max_attempts)):
         return None
     result = session.execute(
         update(Job)
@@ -119,6 +142,61 @@ def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float) 
     attempt = current.attempt + 1
     add_event(session, job_id, attempt, "state", state=RUNNING, data={"worker": worker})
     return Claim(job_id, attempt, worker)
+
+
+# issue 10: how many waiting jobs a group claim looks at for partners (oldest first)
+COTRAIN_CANDIDATES = 200
+
+
+def claim_cotrain_group(session: Session, job_id: str, worker: str, lease_seconds: float, max_size: int,
+                        key) -> list[Claim]:
+    """Claim `job_id` and, in the same transaction, up to max_size - 1 other waiting jobs of its queue whose
+    co-training key (`key(spec)`, None: trains alone) equals its own, oldest first (issue 10).
+
+    Each partner is taken with claim_job's compare-and-set, so it gets its own lease, attempt and fencing token;
+    its own broker message later loses the claim as any duplicate does. [] when `job_id` itself is not claimable.
+    """
+    _lock_for_write(session)
+    first = claim_job(session, job_id, worker, lease_seconds)
+    if first is None:
+        return []
+    job = session.get(Job, job_id)
+    partners = claim_cotrain_partners(session, kind=job.kind, queue=job.queue, wanted=key(job.spec), worker=worker,
+                                      lease_seconds=lease_seconds, limit=max_size - 1, key=key)
+    return [first, *partners]
+
+
+def claim_cotrain_partners(session: Session, *, kind: str, queue: str, wanted, worker: str, lease_seconds: float,
+                           limit: int, key) -> list[Claim]:
+    """Claim up to `limit` waiting jobs of this kind and queue whose `key(spec)` equals `wanted`, oldest first: a
+    group's partners at its start, or jobs joining a running group between its steps (issue 10)."""
+    if wanted is None or limit <= 0:
+        return []
+    _lock_for_write(session)
+    candidates = session.scalars(
+        select(Job).where(Job.state.in_(CLAIMABLE_STATES), Job.kind == kind, Job.queue == queue)
+        .order_by(Job.created_at, Job.id).limit(COTRAIN_CANDIDATES)
+    ).all()
+    claims: list[Claim] = []
+    for other in candidates:
+        if len(claims) >= limit:
+            break
+        if key(other.spec) == wanted:
+            claim = claim_job(session, other.id, worker, lease_seconds)
+            if claim is not None:
+                claims.append(claim)
+    return claims
+
+
+def renew_leases(session: Session, claims: list[Claim], lease_seconds: float) -> dict[str, str | None]:
+    """One heartbeat for a group: extend every claim's lease; {job_id: state}, None where the claim is stale."""
+    states: dict[str, str | None] = {}
+    for claim in claims:
+        try:
+            states[claim.job_id] = renew_lease(session, claim, lease_seconds)
+        except StaleAttempt:
+            states[claim.job_id] = None
+    return states
 
 
 def _lock_for_write(session: Session) -> None:
@@ -155,18 +233,25 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> str:
 def record_progress(session: Session, claim: Claim, progress: dict, *, event_type: str = "progress") -> None:
     """Store the latest progress on the job and append it as an event."""
     job = _fenced(session, claim)
+    # issue 16: the latest eval loss stays beside the latest step's figures (`farm jobs`, the console)
+    last_eval = {"eval_loss": job.progress["eval_loss"]} if job.progress and "eval_loss" in job.progress else {}
     if event_type == "progress":
-        job.progress = progress
+        job.progress = {**progress, **last_eval}
+    elif event_type == "eval" and isinstance(progress.get("eval_loss"), (int, float)):
+        job.progress = {**(job.progress or {}), "eval_loss": progress["eval_loss"]}
     add_event(session, job.id, claim.attempt, event_type, data=progress)
 
 
-def record_checkpoint(session: Session, claim: Claim, step: int, prefix: str, files: list[dict]) -> None:
+def record_checkpoint(session: Session, claim: Claim, step: int, prefix: str, files: list[dict],
+                      metrics: dict | None = None) -> None:
     job = _fenced(session, claim)
     existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
     if existing is not None:
         existing.attempt, existing.prefix, existing.files = claim.attempt, prefix, files
+        existing.metrics = metrics  # issue 13
     else:
-        session.add(Checkpoint(job_id=job.id, attempt=claim.attempt, step=step, prefix=prefix, files=files))
+        session.add(Checkpoint(job_id=job.id, attempt=claim.attempt, step=step, prefix=prefix, files=files,
+                               metrics=metrics))
     add_event(session, job.id, claim.attempt, "checkpoint", data={"step": step, "prefix": prefix})
 
 
@@ -174,6 +259,18 @@ def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
     return session.scalar(
         select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
     )
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    """A job's checkpoints, oldest step first (issue 13)."""
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+
+def delete_checkpoints(session: Session, job_id: str, steps: list[int]) -> None:
+    """Forget these checkpoints of a job (their store objects are deleted by the caller first; issue 13)."""
+    if steps:
+        for ckpt in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step.in_(steps))):
+            session.delete(ckpt)
 
 
 def fail_job(session: Session, claim: Claim, code: str, message: str) -> None:
@@ -187,13 +284,26 @@ def fail_job(session: Session, claim: Claim, code: str, message: str) -> None:
 def release_for_retry(session: Session, claim: Claim, code: str, message: str) -> bool:
     """A transient failure: back to ``recovering`` when attempts remain (True: re-enqueue), else ``failed``."""
     job = _fenced(session, claim)
-    if job.attempt >= job.max_attempts:
+    if not attempts_left(job.attempt, job.max_attempts):
         fail_job(session, claim, code, f"{message}\n(all {job.max_attempts} attempts used)")
         return False
     job.state, job.error_code, job.error_message = RECOVERING, code, message[:10_000]
     job.lease_expires_at = None
     add_event(session, job.id, claim.attempt, "state", state=RECOVERING, data={"code": code, "message": message[:2000]})
     return True
+
+
+def end_failed_attempt(session: Session, claim: Claim, code: str, message: str) -> str:
+    """End an attempt that failed with `code` as the retry policy says (farm.errors.next_state); returns the job's
+    new state: ``recovering`` (re-enqueue it) or ``failed``."""
+    job = _fenced(session, claim)
+    if next_state(code, attempt=job.attempt, max_attempts=job.max_attempts) == RECOVERING:
+        release_for_retry(session, claim, code, message)
+        return RECOVERING
+    if retryable(code):  # out of attempts
+        message = f"{message}\n(all {job.max_attempts} attempts used)"
+    fail_job(session, claim, code, message)
+    return FAILED
 
 
 def mark_cancelled(session: Session, claim: Claim) -> None:
@@ -228,7 +338,7 @@ def reap_expired_leases(session: Session, now: datetime | None = None) -> list[s
     for job in expired:
         if job.state == CANCELLING:
             job.state, job.finished_at = CANCELLED, now
-        elif job.attempt >= job.max_attempts:
+        elif next_state("worker_lost", attempt=job.attempt, max_attempts=job.max_attempts) == FAILED:
             job.state, job.finished_at = FAILED, now
             job.error_code = job.error_code or "worker_lost"
             job.error_message = (job.error_message or "") + (
@@ -274,7 +384,7 @@ def reserve_adapter_version(session: Session, claim: Claim, *, name: str, kind: 
     _lock_adapter_name(session, name)
     version = (session.scalar(select(func.max(Adapter.version)).where(Adapter.name == name)) or 0) + 1
     adapter = Adapter(name=name, version=version, status=PUBLISHING, job_id=job.id, kind=kind,
-                      prefix=f"adapters/{name}/v{version}/", spec_hash=spec_hash)
+                      prefix=adapter_prefix(name, version), spec_hash=spec_hash)
     session.add(adapter)
     session.flush()
     return adapter

@@ -11,20 +11,39 @@ import typer
 from rich.markup import escape
 
 from farm.cli import render
-from farm.errors import FarmError, JobFailed
+from farm.errors import FarmError, JobFailed, is_invalid_input
 from farm.settings import get_settings
 
 app = typer.Typer(help="A training farm for LoRA/QLoRA adapters.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=True)  # issue 16: farm --install-completion
 db_app = typer.Typer(help="Catalog database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from farm import __version__
+
+        print(f"farm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the farm's version and exit.")) -> None:
+    """A training farm for LoRA/QLoRA adapters."""  # issue 16: farm --version
+
+
 def _client():
     from farm.client import get_client
 
+    settings = get_settings()
+    if not settings.api_url:  # issue 16: a missing or unmigrated catalog is one line saying what to run
+        from farm.catalog.readiness import check_catalog
+
+        check_catalog(settings.database_url, settings.home)
     return get_client()
 
 
@@ -49,6 +68,10 @@ def worker(
 
     if not (cpu or cpus or gpus):
         raise typer.BadParameter("say which devices: --cpu, --cpus N or --gpus all|0,1")
+    if cpus or cpu:  # issue 12: each CPU slot's runner takes its share of the cores (workers/launch.py cpu_share)
+        import os
+
+        os.environ["FARM_HOST_CPU_SLOTS"] = str(cpus or 1)
     raise typer.Exit(run_supervisor(gpus=gpus, cpus=cpus or (1 if cpu else None), group=group,
                                     settings=get_settings()))
 
@@ -58,14 +81,21 @@ def submit(
     spec: Path = typer.Argument(..., help="Job spec (YAML)."),
     wait: bool = typer.Option(False, "--wait", help="Show progress until the job ends; non-zero exit if it fails."),
     json_out: bool = JsonOpt,
+    force: bool = typer.Option(False, "--force", help="Train even if an identical job succeeded or is in flight."),
 ) -> None:
     """Validate a job spec and enqueue it; prints the job id."""
-    client = _client()
-    job = client.submit(spec)
+    from farm.cli.cmd_console import with_transfer_bars  # issue 16: a bar on dataset uploads
+
+    client = with_transfer_bars(_client())
+    job = client.submit(spec, force=force)
     if json_out and not wait:
         render.print_json(job)
         return
-    if not json_out:
+    if not json_out and job.deduplicated:  # issue 14
+        render.console.print(f"identical to job [bold]{job.id}[/bold] ({job.state}"
+                             f"{', adapter ' + job.adapter if job.adapter else ''}): not submitted again "
+                             "(--force trains anyway)")
+    elif not json_out:
         render.console.print(f"submitted job [bold]{job.id}[/bold] ({job.kind} {job.name}) to {job.queue}")
     if wait:
         job = _wait(client, job.id, quiet=json_out)
@@ -79,8 +109,10 @@ def submit(
 def _wait(client, job_id: str, quiet: bool = False):
     if quiet:
         return client.wait(job_id)
+    from farm.cli.cmd_console import with_queue_hint  # issue 16: says when no worker serves the job's queue
+
     with render.JobProgress(job_id) as bar:
-        job = client.wait(job_id, on_update=bar.update)
+        job = client.wait(job_id, on_update=with_queue_hint(client, bar))
     render.job_detail(job)
     return job
 
@@ -114,14 +146,12 @@ def show(job_id: str, json_out: bool = JsonOpt,
 
 
 @app.command()
-def events(job_id: str, after: int = typer.Option(0, help="Only events after this id."), json_out: bool = JsonOpt) -> None:
-    """A job's event log (state changes, progress, evals, checkpoints)."""
-    items = _client().job_events(job_id, after)
-    if json_out:
-        render.print_json(items)
-        return
-    for e in items:
-        render.console.print(f"{e.id:>6} {e.at:%H:%M:%S} a{e.attempt} {e.type:<10} {e.state or ''} {e.data or ''}")
+def events(job_id: str, after: int = typer.Option(0, help="Only events after this id."), json_out: bool = JsonOpt,
+           follow: bool = typer.Option(False, "--follow", "-f", help="Follow new events until the job ends.")) -> None:
+    """A job's event log (state changes, progress, evals, checkpoints): a table, or --json."""
+    from farm.cli.cmd_console import show_events  # issue 16
+
+    show_events(_client(), job_id, after=after, json_out=json_out, follow=follow)
 
 
 @app.command()
@@ -146,13 +176,23 @@ def adapter(ref: str = typer.Argument(..., help="NAME or NAME:VERSION."), json_o
 
 
 @app.command()
-def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION."),
+def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION, or a checkpoint JOB@step-K."),
          dest: Path = typer.Argument(..., help="Folder to create (must not exist or be empty)."),
          json_out: bool = JsonOpt) -> None:
-    """Download an adapter; every file's sha256 is verified before it appears at DEST."""
-    result = _client().pull(ref, dest)
+    """Download an adapter (or a job's checkpoint as a PEFT adapter); every file's sha256 is verified before it
+    appears at DEST."""
+    if "@" in ref:  # issue 13: JOB@step-K
+        from farm.cli.cmd_models import pull_checkpoint
+
+        result = pull_checkpoint(ref, dest)
+    else:
+        from farm.cli.cmd_console import pull_with_progress  # issue 16: a progress bar
+
+        result = pull_with_progress(_client(), ref, dest)
     if json_out:
         render.print_json(result)
+    elif "@" in ref:
+        render.console.print(f"pulled {result.name} to {result.dest} ({len(result.files)} files, sha256 verified)")
     else:
         render.console.print(f"pulled {result.name}:{result.version} to {result.dest} "
                              f"({len(result.files)} files, sha256 verified)")
@@ -162,12 +202,12 @@ def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION."),
 def spec(kind: str = typer.Argument("train", help="train or extract.")) -> None:
     """Every field of a job spec: its default and what it means."""
     from farm.cli.spec_help import spec_tree
-    from farm.specs import ExtractSpec, TrainSpec
+    from farm.kinds import get_kind, kind_names
 
-    models = {"train": TrainSpec, "extract": ExtractSpec}
-    if kind not in models:
-        raise typer.BadParameter("train or extract")
-    render.console.print(spec_tree(models[kind], f"kind: {kind}"))
+    job_kind = get_kind(kind)
+    if job_kind is None:
+        raise typer.BadParameter(" or ".join(kind_names()))
+    render.console.print(spec_tree(job_kind.spec, f"kind: {kind}"))
 
 
 @app.command()
@@ -210,10 +250,10 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path(".farm/demo"), help="Where the demo writes its model, data and spec."),
-         steps: int = typer.Option(60, help="Training steps.")) -> None:
+         steps: int = typer.Option(200, help="Training steps (200: the adapter learns every answer).")) -> None:
     """The farm end to end on this machine: start services and a CPU worker, train a tiny QLoRA adapter, pull it,
     load it with PEFT, generate a line, print its provenance."""
-    from farm.demo import run_demo
+    from farm.cli.demo import run_demo
 
     run_demo(workdir, steps=steps)
 
@@ -231,11 +271,12 @@ _register_command_modules()
 
 def main() -> None:
     """Entry point: FarmErrors become a clear message and a non-zero exit, not a traceback."""
+    render.quiet_libraries()  # issue 16: no library warnings or third-party bars in the CLI's output
     try:
         app()
     except FarmError as exc:
         render.err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False, soft_wrap=True)
-        sys.exit(2 if exc.code in ("invalid_spec", "invalid_dataset", "invalid_model", "unschedulable") else 1)
+        sys.exit(2 if is_invalid_input(exc.code) else 1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Iterable
 
 from pydantic import BaseModel
@@ -12,8 +13,41 @@ from rich.table import Table
 
 from farm.schemas import AdapterPublic, JobPublic
 
-console = Console()
-err_console = Console(stderr=True)
+def _console_options(stream) -> dict:
+    # Output to a file or a pipe is not wrapped at 80 columns (paths and ids stay whole); a terminal wraps as usual.
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return {} if tty else {"width": 100_000, "soft_wrap": True}
+
+
+console = Console(**_console_options(sys.stdout))
+err_console = Console(stderr=True, **_console_options(sys.stderr))
+
+
+def quiet_libraries() -> None:
+    """Keep library warnings and third-party progress bars (tqdm, transformers, DeepSpeed's accelerator notice)
+    out of the CLI's output; FARM_DEBUG=1 lets them through."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("FARM_DEBUG"):
+        return
+    # Children (a worker the demo starts, runners) inherit these, set only where the user set nothing.
+    for key, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                       "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}.items():
+        os.environ.setdefault(key, value)
+    warnings.simplefilter("ignore")
+    # Libraries that log without configuring logging reach stderr through logging's last-resort handler.
+    if logging.lastResort is not None:
+        logging.lastResort.setLevel(logging.ERROR)
+    for name in ("DeepSpeed", "deepspeed", "transformers", "peft", "accelerate", "bitsandbytes", "torch"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)  # inherited by their modules' loggers
+        # and a filter: DeepSpeed sets its own logger's level (and handler) when imported, after this runs
+        logger.addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 def print_json(data) -> None:
@@ -24,16 +58,35 @@ def print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _progress_text(p: dict | None) -> str:
+def _num(value, digits: int = 4) -> str:
+    """A float rounded to `digits` significant digits (never 16 of them); anything else as text."""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return "-" if value is None else str(value)
+
+
+def _progress_text(p: dict | None, state: str | None = None, mean_tps: float | None = None) -> str:
+    """A job's figures: step, loss, lr, tokens/s and ETA while it runs; its final and eval loss once it ended."""
     if not p:
         return ""
-    parts = [f"{p.get('step', '?')}/{p.get('total_steps', '?')}"]
+    step = f"{p.get('step', '?')}/{p.get('total_steps', '?')}"
+    if state in ("succeeded", "failed", "cancelled"):
+        parts = [f"step {step}" if state != "succeeded" else f"{p.get('step', '?')} steps"]
+        if p.get("loss") is not None:
+            parts.append(f"final loss {_num(p['loss'])}")
+        if p.get("eval_loss") is not None:
+            parts.append(f"eval loss {_num(p['eval_loss'])}")
+        return "  ".join(parts)
+    parts = [step]
     if p.get("loss") is not None:
-        parts.append(f"loss {p['loss']:.4f}")
+        parts.append(f"loss {_num(p['loss'])}")
+    if p.get("eval_loss") is not None:
+        parts.append(f"eval {_num(p['eval_loss'])}")
     if p.get("lr") is not None:
         parts.append(f"lr {p['lr']:.2e}")
-    if p.get("tokens_per_s"):
-        parts.append(f"{p['tokens_per_s']:.0f} tok/s")
+    tps = mean_tps if mean_tps is not None else p.get("tokens_per_s")
+    if tps:
+        parts.append(f"{tps:.0f} tok/s")
     if p.get("eta_s") is not None:
         parts.append(f"eta {p['eta_s']:.0f}s")
     return "  ".join(parts)
@@ -42,7 +95,8 @@ def _progress_text(p: dict | None) -> str:
 def jobs_table(jobs: Iterable[JobPublic]) -> Table:
     table = Table("id", "kind", "name", "state", "progress", "attempt", "created", box=None)
     for j in jobs:
-        table.add_row(j.id[:12], j.kind, j.name, j.state, _progress_text(j.progress) or (j.adapter or ""),
+        table.add_row(j.id[:12], j.kind, j.name, j.state,
+                      "  ".join(x for x in (_progress_text(j.progress, j.state), j.adapter) if x),
                       f"{j.attempt}/{j.max_attempts}", j.created_at.strftime("%Y-%m-%d %H:%M:%S"))
     return table
 
@@ -53,9 +107,15 @@ def job_detail(job: JobPublic) -> None:
                   f"submitted by {job.submitted_by or '-'}")
     if job.progress:
         p = job.progress
-        console.print(f"progress {_progress_text(p)}")
+        console.print(f"progress {_progress_text(p, job.state)}")
     if job.adapter:
         console.print(f"adapter [green]{job.adapter}[/green]")
+    cot = job.cotraining or {}
+    if cot.get("cotrained_with"):  # issue 10
+        sizes = ", ".join(f"{s['size']} from step {s['step']}" for s in cot.get("group_sizes") or [])
+        console.print(f"co-trained with {', '.join(cot['cotrained_with'])}  (group size {sizes or '-'})")
+    elif job.progress and (job.progress.get("group_size") or 1) > 1:
+        console.print(f"co-training in a group of {job.progress['group_size']}")
     if job.error:
         console.print(f"[red]error {job.error.code}[/red]: {job.error.message}")
 
@@ -93,7 +153,11 @@ def adapter_detail(a: AdapterPublic) -> None:
 
 
 class JobProgress:
-    """A live progress bar (step, loss, tokens/s, ETA) fed by job views from polling."""
+    """A live progress bar (step, loss, tokens/s, ETA) fed by job views from polling.
+
+    Its tokens/s is the mean over the steps seen (the harmonic mean of the per-step rates: total tokens over total
+    time when steps carry equal tokens), the figure the adapter's metrics report, not the last step's.
+    """
 
     def __init__(self, job_id: str):
         self.progress = Progress(
@@ -101,6 +165,7 @@ class JobProgress:
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), console=err_console, transient=False)
         self.task = self.progress.add_task(job_id, total=None, state="queued", info="")
+        self._rates: dict[tuple, float] = {}
 
     def __enter__(self):
         self.progress.__enter__()
@@ -109,10 +174,64 @@ class JobProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
+    def mean_tokens_per_s(self, p: dict) -> float | None:
+        rate = p.get("tokens_per_s")
+        if isinstance(rate, (int, float)) and rate > 0 and isinstance(p.get("step"), int):
+            self._rates[(p.get("phase"), p["step"])] = float(rate)
+        if not self._rates:
+            return None
+        return len(self._rates) / sum(1.0 / r for r in self._rates.values())
+
+    def note(self, text: str) -> None:
+        """A line above the bar (a hint), printed once by the caller."""
+        self.progress.console.print(text, highlight=False)
+
     def update(self, job: JobPublic) -> None:
         p = job.progress or {}
-        info = _progress_text(p) if p else ""
+        info = _progress_text(p, job.state, self.mean_tokens_per_s(p)) if p else ""
         if p.get("phase") == "extract" and p.get("layer"):
             info += f"  {p['layer']}"
         self.progress.update(self.task, completed=p.get("step", 0), total=p.get("total_steps"), state=job.state,
                              info=info)
+
+
+def events_table(events) -> Table:
+    """A job's events as a table: floats rounded, data as key=value pairs."""
+    table = Table("id", "time", "attempt", "type", "state", "data", box=None)
+    for e in events:
+        data = "  ".join(f"{k}={_num(v)}" for k, v in (e.data or {}).items() if not isinstance(v, (dict, list)))
+        table.add_row(str(e.id), f"{e.at:%H:%M:%S}", str(e.attempt), e.type, e.state or "", data)
+    return table
+
+
+def event_line(e) -> str:
+    """One event as a line (following live, where a table cannot grow)."""
+    data = "  ".join(f"{k}={_num(v)}" for k, v in (e.data or {}).items() if not isinstance(v, (dict, list)))
+    return f"{e.id:>6}  {e.at:%H:%M:%S}  a{e.attempt}  {e.type:<10} {e.state or '':<10} {data}"
+
+
+class TransferProgress:
+    """A bar for bytes moving to or from the store (pull, dataset upload, publish); silent when not a terminal.
+
+        with TransferProgress("pull bot:3", total_bytes) as bar:
+            bar.advance(n)
+    """
+
+    def __init__(self, label: str, total: int | None):
+        from rich.progress import DownloadColumn, TransferSpeedColumn
+
+        self.enabled = err_console.is_terminal
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), console=err_console, transient=True,
+                                 disable=not self.enabled)
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)

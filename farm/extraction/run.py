@@ -7,19 +7,16 @@ provenance. A failure a user can cause raises a FarmError; the runner entry turn
 
 from __future__ import annotations
 
-import platform
 import resource
-import socket
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from farm.environment import environment
 from farm.errors import ModelError
 
 REQUIRED_JOB_KEYS = ("job_id", "spec", "base_model", "finetuned_model", "output_dir")
-_PACKAGES = ("torch", "safetensors", "peft", "transformers")
 
 
 def parse_job(job: dict):
@@ -28,18 +25,6 @@ def parse_job(job: dict):
     from farm.specs import ExtractSpec
 
     return parse(job, ExtractSpec, REQUIRED_JOB_KEYS, "extraction")
-
-
-def environment() -> dict:
-    """Library versions and host, for the provenance."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"python": platform.python_version(), **versions, "host": socket.gethostname(),
-            "platform": platform.platform()}
 
 
 def peak_rss_mb() -> float:

@@ -14,7 +14,7 @@ from farm.errors import StoreError
 from farm.settings import FarmSettings, get_settings
 from farm.store.base import ObjectInfo, Store, sha256_file, validate_key, validate_prefix
 from farm.store.local import LocalStore
-from farm.store.transfer import download_prefix, download_tree, upload_dir, upload_tree
+from farm.store.transfer import download_prefix, download_tree, upload_tree
 
 __all__ = [
     "LocalStore",
@@ -24,7 +24,6 @@ __all__ = [
     "download_tree",
     "open_store",
     "sha256_file",
-    "upload_dir",
     "upload_tree",
     "validate_key",
 ]

@@ -59,12 +59,6 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
-def join_key(prefix: str, relpath: str) -> str:
-    """``prefix`` + ``/`` + ``relpath`` (either may be empty), validated."""
-    prefix = prefix.strip("/")
-    return validate_key(f"{prefix}/{relpath}" if prefix else relpath)
-
-
 class HashingReader:
     """A read-only, non-seekable view of a binary file that hashes every byte handed out.
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from farm.errors import NotFound, StoreError
 from farm.store.base import (
     HashingReader,
-    HashingWriter,
     ObjectInfo,
     Store,
     open_source,
@@ -93,6 +92,16 @@ def make_client(endpoint_url: str | None, region: str | None):
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     return _new_boto3_session().client("s3", endpoint_url=endpoint_url, config=Config(**options))
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    """Size and hex sha256 of a local file, read once in large chunks (just written: it is in the page cache)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def _etag(response: dict) -> str | None:
@@ -220,6 +229,12 @@ class S3Store(Store):
 
     # -- reading ------------------------------------------------------------------------------------------------
     def get_file(self, key: str, path: Path) -> ObjectInfo:
+        """Download to a temp file beside `path`, then hash it in one pass and rename it into place.
+
+        The transfer manager writes into the temp file itself (a real, seekable file), so parts land at their
+        offsets as they arrive. A non-seekable writer would make it buffer out-of-order parts, and with more parts
+        than its in-memory window (s3transfer 0.19: 10) the download deadlocks (issue 11).
+        """
         full = self._full(key)
         path = Path(path)
         with self._errors("read", key):
@@ -228,21 +243,21 @@ class S3Store(Store):
         tmp = temp_path_beside(path)
         try:
             with open(tmp, "wb") as f:
-                writer = HashingWriter(f)
                 with self._errors("download", key):
-                    self.client.download_fileobj(self.bucket, full, writer, Config=self.transfer_config)
+                    self.client.download_fileobj(self.bucket, full, f, Config=self.transfer_config)
                 f.flush()
                 os.fsync(f.fileno())
-            if writer.bytes_written != head["ContentLength"]:
+            size, digest = _hash_file(tmp)
+            if size != head["ContentLength"]:
                 raise StoreError(
-                    f"download of {self.uri(key)} gave {writer.bytes_written} bytes but the object has "
+                    f"download of {self.uri(key)} gave {size} bytes but the object has "
                     f"{head['ContentLength']} (it changed during the download?); download again"
                 )
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return ObjectInfo(key=key, size=writer.bytes_written, sha256=writer.hexdigest(), etag=_etag(head))
+        return ObjectInfo(key=key, size=size, sha256=digest, etag=_etag(head))
 
     def get_bytes(self, key: str) -> bytes:
         full = self._full(key)

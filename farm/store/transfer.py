@@ -97,9 +97,6 @@ def upload_tree(store: Store, local_dir: Path, prefix: str) -> list[dict]:
     return records
 
 
-upload_dir = upload_tree  # checkpoints and any other folder: same format
-
-
 def download_tree(store: Store, prefix: str, dest: Path, expected: dict[str, str] | None = None) -> list[dict]:
     """Download the artifact at `prefix`/ to `dest`, every file verified, or raise and leave nothing at `dest`.
 

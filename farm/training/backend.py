@@ -1,129 +1,86 @@
-"""The training backend: the one seam between the loop and how gradients become updates.
+"""The training backend: the one seam between the loop and how gradients become updates, and the choice of one.
 
-The loop (farm.training.loop) only calls `shard`, `loss_sum`, `backward`, `step`, `all_sum`, `lr`,
-`train`/`eval`, and the checkpoint code calls `save_state`/`load_state` (optimizer and schedule, in the backend's own
-layout), `gathered_adapter` and `barrier`; both ask `is_main_process` before writing what one process writes.
-`TorchBackend` does it in plain PyTorch in one process (sharding, sums and barriers are no-ops).
-`farm.training.deepspeed_backend.DeepSpeedBackend` provides the same methods around a `deepspeed.initialize`
-engine for a job of several processes, and reports `is_main_process` for rank 0 only.
+`Backend` declares the seam. The loop (farm.training.loop) only calls `shard`, `loss_sum`, `backward`, `step`,
+`all_sum`, `lr`, `train`/`eval`; the checkpoint code calls `save_state`/`load_state` (optimizer and schedule, in the
+backend's own layout), `gathered_adapter` and `barrier`; both ask `is_main_process` before writing what one
+process writes. The backends, one a file, each a plain class of those methods:
+
+- `farm.training.torch_backend.TorchBackend`: plain PyTorch in one process.
+- `farm.training.deepspeed_backend.DeepSpeedBackend`: a `deepspeed.initialize` engine (ZeRO 2/3) for a job of
+  several processes; `is_main_process` for rank 0 only.
+
+`make_backend` chooses one, here and nowhere else; no backend imports this module.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, Protocol
 
 from farm.errors import ResourceError
-
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.json"
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-def loss_sum(model, batch):
-    """Sum of the token cross-entropies of a batch (targets already shifted; -100 ignored), as a 0-dim tensor.
-
-    A sum, not a mean: the loop divides by the target tokens of the whole accumulation window, so every token
-    weighs the same however the window's micro-batches are filled.
-    """
-    import torch.nn.functional as F
-
-    logits = model(**batch.model_inputs()).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+from farm.training.torch_backend import (  # noqa: F401 (importable from here, as before the split)
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    SCHEDULERS,
+    TorchBackend,
+    loss_sum,
+)
 
 
-class TorchBackend:
-    """One process: AdamW over the trainable parameters, a transformers LR schedule, global-norm clipping."""
+class Backend(Protocol):
+    """What a training backend provides: the loop's seam, the checkpoint's state, the provenance's description."""
 
-    is_main_process = True
-    world_size = 1
-    rank = 0
-
-    def __init__(self, model, params, total_steps: int, device):
-        """`params` is the spec's TrainingParams; `total_steps` sizes the LR schedule."""
-        import torch
-        from transformers import get_scheduler
-
-        self.model = model
-        self.device = device
-        self.max_grad_norm = params.max_grad_norm
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=params.lr, weight_decay=params.weight_decay)
-        self.scheduler = get_scheduler(SCHEDULERS[params.lr_scheduler], self.optimizer,
-                                       num_warmup_steps=params.warmup_steps, num_training_steps=total_steps)
+    is_main_process: bool
+    """Whether this process writes what one process writes (events, the adapter, the schedule)."""
+    world_size: int
+    """How many processes run the job."""
+    rank: int
+    """This process's index among them."""
 
     def train(self) -> None:
-        self.model.train()
+        """Put the model in training mode."""
 
     def eval(self) -> None:
-        self.model.eval()
+        """Put the model in evaluation mode."""
 
     def shard(self, rows: list) -> list:
-        """This process's part of a micro-batch: all of it."""
-        return rows
+        """This process's part of a global micro-batch."""
 
-    def loss_sum(self, batch):
-        """Forward one micro-batch; the summed token loss."""
-        return loss_sum(self.model, batch.to(self.device))
-
-    def all_sum(self, tensor):
-        """The sum of `tensor` over all processes: itself."""
-        return tensor
-
-    def barrier(self) -> None:
-        pass
-
-    def gathered_adapter(self, modify: bool = False):
-        """The adapter weights are whole here already."""
-        return nullcontext()
-
-    def base_params_checksum(self) -> str:
-        """The frozen base's checksum (farm.training.integrity)."""
-        from farm.training.integrity import base_params_checksum
-
-        return base_params_checksum(self.model)
-
-    def describe(self) -> dict:
-        """How the job was spread, for the provenance."""
-        return {"processes": 1}
+    def loss_sum(self, batch) -> Any:
+        """Forward one micro-batch; the summed token loss (a 0-dim tensor)."""
 
     def backward(self, loss) -> None:
-        loss.backward()
+        """Accumulate the gradients of `loss`."""
 
-    def step(self):
+    def step(self) -> Any:
         """Clip, update, advance the schedule, clear gradients; the pre-clip gradient norm (a tensor) or None."""
-        import torch
-
-        norm = None
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     @property
     def lr(self) -> float:
         """The learning rate the next step will use."""
-        return self.scheduler.get_last_lr()[0]
+
+    def all_sum(self, tensor) -> Any:
+        """The sum of `tensor` over all processes."""
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
+    def gathered_adapter(self, modify: bool = False) -> AbstractContextManager:
+        """The adapter weights whole inside the block; every process must enter it."""
+
+    def base_params_checksum(self) -> str:
+        """The frozen base's checksum (farm.training.integrity)."""
+
+    def describe(self) -> dict:
+        """How the job was spread, for the provenance."""
 
     def save_state(self, folder: Path) -> None:
-        """Optimizer moments (optimizer.pt) and schedule position (scheduler.json) into a checkpoint folder."""
-        import torch
-
-        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        (folder / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+        """Optimizer and schedule state into a checkpoint folder."""
 
     def load_state(self, folder: Path) -> None:
-        """Restore what save_state wrote (tensors only: loaded with weights_only, no pickled code runs)."""
-        import torch
-
-        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=self.device,
-                                                  weights_only=True))
-        self.scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
+        """Restore what save_state wrote."""
 
 
 def process_count() -> int:
@@ -135,7 +92,7 @@ def process_count() -> int:
                             "(workers/distributed.py)") from None
 
 
-def make_backend(model, spec, total_steps: int, device):
+def make_backend(model, spec, total_steps: int, device) -> Backend:
     """The backend for this process: plain PyTorch in one process, DeepSpeed ZeRO across several."""
     world_size = process_count()
     if world_size == 1:

@@ -79,6 +79,11 @@ def save_checkpoint(checkpoint_dir: str | Path, model, backend, state: TrainStat
     with backend.gathered_adapter():
         if main:
             model.save_pretrained(tmp / ADAPTER_DIR)
+    if main and (extra or {}).get("base_model_ref"):
+        from farm.artifacts import set_base_model_reference
+
+        # A pulled checkpoint is a standard adapter naming the base the user gave, not this worker's scratch path.
+        set_base_model_reference(tmp / ADAPTER_DIR, extra["base_model_ref"])
     backend.save_state(tmp)
     if main:
         rng_json, rng_tensors = capture_rng()
@@ -119,8 +124,11 @@ def read_checkpoint(path: str | Path) -> dict:
     return doc
 
 
-def load_checkpoint(path: str | Path, model, backend, *, dataset_sha256: str, steps_per_epoch: int) -> TrainState:
+def load_checkpoint(path: str | Path, model, backend, *, dataset_sha256: str, steps_per_epoch: int,
+                    adapter_name: str = "default") -> TrainState:
     """Restore adapter weights, optimizer, schedule and RNG from a checkpoint; return the loop state to go on from.
+
+    `adapter_name`: the adapter the weights go into (a co-trained job's, farm.training.cotrain).
 
     Refuses (DatasetError) a checkpoint made on other data: its data position would point at other examples.
     """
@@ -140,7 +148,7 @@ def load_checkpoint(path: str | Path, model, backend, *, dataset_sha256: str, st
             "resume only with the job's own dataset and batch settings", field="dataset.path")
     weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))
     with backend.gathered_adapter(modify=True):
-        result = set_peft_model_state_dict(model, weights)
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise StoreError(f"{path}: checkpoint adapter weights do not fit this model "
                          f"(unexpected: {', '.join(result.unexpected_keys[:5])})")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from farm.errors import DatasetError, ModelError
@@ -33,6 +34,11 @@ class Example:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @cached_property
+    def target_count(self) -> int:
+        """Tokens that carry loss once labels are shifted (labels[1:] not -100): counted once, not every step."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 @dataclass

@@ -35,7 +35,6 @@ DeepSpeed's bf16 mode changed the base checksum (see Precision above).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -45,8 +44,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from farm.errors import ResourceError, StoreError
+from farm.training.torch_backend import SCHEDULER_FILE, SCHEDULERS, loss_sum  # shared; light (no torch at import)
 
-SCHEDULER_FILE = "scheduler.json"
 SHARD_FILE = "optimizer-rank{rank}-of{world}.pt"
 
 
@@ -94,20 +93,9 @@ def streamed_base_checksum(model, gather=lambda param: nullcontext()) -> str:
     Under ZeRO-3 `gather` makes a partitioned parameter whole for the moment it is hashed; the digest is the same
     as integrity's on an unpartitioned model (tests/test_deepspeed.py checks that).
     """
-    import torch
+    from farm.training.integrity import base_params_checksum
 
-    from farm.training.integrity import is_adapter_param
-
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if is_adapter_param(name):
-            continue
-        with gather(param):
-            data = param.detach().as_subclass(torch.Tensor)
-            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
-            flat = data.reshape(-1).contiguous().cpu()
-            digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
-    return digest.hexdigest()
+    return base_params_checksum(model, gather)
 
 
 def _plain(value) -> bool:
@@ -164,8 +152,6 @@ class DeepSpeedBackend:
         import torch.distributed as dist
         from transformers import get_scheduler
 
-        from farm.training.backend import SCHEDULERS
-
         _quiet_deepspeed()
         on_gpu = device.type == "cuda"
         _init_process_group(on_gpu)
@@ -203,8 +189,6 @@ class DeepSpeedBackend:
 
     def loss_sum(self, batch):
         """Forward this process's micro-batch through the engine; the summed token loss."""
-        from farm.training.backend import loss_sum
-
         return loss_sum(self.engine, batch.to(self.device))
 
     def backward(self, loss) -> None:

@@ -10,7 +10,9 @@ Three checks, each raising farm.errors.IntegrityError with the offending names:
 from __future__ import annotations
 
 import hashlib
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any, Callable
 
 from farm.errors import IntegrityError, ModelError
 
@@ -19,10 +21,11 @@ ADAPTER_MARKERS = ("lora_",)
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (the store's streaming digest, so every part of the farm hashes alike)."""
-    from farm.store.base import sha256_file
+    """sha256 of a file's bytes (the store's streaming digest, so every part of the farm hashes alike), cached by
+    the file's identity (farm.hashcache): a dataset or weight file already hashed on this host is not read again."""
+    from farm.hashcache import file_sha256 as cached_file_sha256
 
-    return sha256_file(path)
+    return cached_file_sha256(path)
 
 
 def weight_file_digests(model_dir: str | Path) -> tuple[str, dict[str, str]]:
@@ -69,10 +72,12 @@ def check_only_adapter_trainable(model) -> tuple[int, int]:
     return trainable, total
 
 
-def base_params_checksum(model) -> str:
+def base_params_checksum(model, gather: Callable[[Any], AbstractContextManager] | None = None) -> str:
     """sha256 over the name, dtype, shape and bytes of every frozen (non-adapter) parameter, in name order.
 
     Quantized weights are hashed as stored (packed 4-bit bytes, int8), which is what an update would change.
+    `gather(param)`, when given, makes a partitioned parameter whole while it is hashed (ZeRO-3: one parameter at a
+    time); the digest is the same as on an unpartitioned model.
     """
     import torch
 
@@ -80,12 +85,13 @@ def base_params_checksum(model) -> str:
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if is_adapter_param(name):
             continue
-        # A plain-tensor view: bitsandbytes' parameter subclasses override .to()/.cpu() with (de)quantizing logic.
-        data = param.detach().as_subclass(torch.Tensor)
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
-        flat = data.reshape(-1).contiguous().cpu()
-        # A view as bytes hashes any dtype (bfloat16 has no numpy type) without another copy.
-        digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+        with gather(param) if gather is not None else nullcontext():
+            # A plain-tensor view: bitsandbytes' parameter subclasses override .to()/.cpu() with (de)quantizing.
+            data = param.detach().as_subclass(torch.Tensor)
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
+            flat = data.reshape(-1).contiguous().cpu()
+            # A view as bytes hashes any dtype (bfloat16 has no numpy type) without another copy.
+            digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
     return digest.hexdigest()
 
 

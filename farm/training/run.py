@@ -38,6 +38,14 @@ class _Clock:
     def __init__(self):
         self.start = time.perf_counter()
         self.phases: dict[str, float] = {}
+        # issue 12: from the supervisor's launch (workers/launch.py) to here: process start or fork, and imports
+        launched = os.environ.get("FARM_LAUNCHED_AT")
+        try:
+            self.phases["startup_seconds"] = round(max(0.0, time.time() - float(launched)), 3) if launched else None
+        except ValueError:
+            pass
+        if self.phases.get("startup_seconds") is None:
+            self.phases.pop("startup_seconds", None)
 
     def phase(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -55,7 +63,7 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     from farm.training.backend import make_backend, process_count
     from farm.training.data import prepare_data
     from farm.training.loop import EpochPlan, LoopConfig, TrainState, total_steps, train
-    from farm.training.model import build_model, check_model_config, load_tokenizer, training_device
+    from farm.training.model import build_model, load_tokenizer, training_device
     from farm.training.packing import to_rows
 
     clock = _Clock()
@@ -66,7 +74,15 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     base_dir = Path(job["base_model"])
     if not base_dir.is_dir():
         raise ModelError(f"{base_dir}: base model folder not found (job base_model)", field="base_model")
-    check_model_config(base_dir)
+    # issue 12: the producer read config.json already and from_pretrained checks it through transformers
+    # (load_base_model); here only the JSON, so a broken file fails before the weights are hashed.
+    from farm.model_files import read_config
+
+    try:
+        read_config(base_dir)
+    except ModelError as exc:
+        exc.field = "base_model"
+        raise
 
     t = time.perf_counter()
     say({"type": "log", "message": f"hashing the base model's weight files in {base_dir}"})
@@ -106,11 +122,13 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
                      checkpoint_every=params.checkpoint_every)
     checkpoint_extra = {"job_id": job["job_id"], "attempt": job.get("attempt"), "dataset_sha256": hashes["dataset"],
                         "steps_per_epoch": plan.steps_per_epoch, "grad_accum": params.grad_accum,
-                        "total_steps": steps}
+                        "total_steps": steps, "base_model_ref": spec.base_model}
 
     def on_checkpoint(st: TrainState) -> None:
         path = ckpt.save_checkpoint(job["checkpoint_dir"], model, backend, st, checkpoint_extra)
-        say({"type": "checkpoint", "step": st.step, "path": str(path)})
+        at_step = next((h for h in reversed(st.history) if h.get("step") == st.step), {})
+        say({"type": "checkpoint", "step": st.step, "path": str(path), "loss": at_step.get("loss"),
+             "eval_loss": at_step.get("eval_loss")})
 
     spread = f" x {backend.world_size} processes" if backend.world_size > 1 else ""
     say({"type": "log", "message": f"training {steps} steps ({plan.steps_per_epoch} per epoch, {len(rows)} rows"
@@ -121,6 +139,8 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
 
     integrity.verify_base_unchanged(base_checksum, backend.base_params_checksum())
     metrics = summary_metrics(state)
+    # What ran, in epochs too: max_steps may repeat the data many times over (issue 13).
+    metrics.update(steps_per_epoch=plan.steps_per_epoch, epochs=round(state.step / plan.steps_per_epoch, 3))
     with backend.gathered_adapter():  # every process enters: ZeRO-3 gathers the partitioned LoRA weights
         integrity.check_only_adapter_trainable(model)
         if backend.is_main_process:
@@ -165,7 +185,7 @@ def summary_metrics(state) -> dict:
 
 
 def _provenance(job: dict, spec, hashes: dict, stats, clock: _Clock, resumed_at: int | None, integrity: dict) -> dict:
-    from farm.training.environment import environment
+    from farm.environment import environment
 
     return {
         "base_model_sha256": hashes["base"],
@@ -191,3 +211,18 @@ def _save_outputs(model, output_dir: Path, state, metrics: dict) -> None:
     except OSError as exc:
         raise FarmError(f"{output_dir}: cannot write the adapter: {exc}") from None
     (output_dir / METRICS_FILE).write_text(json.dumps({"history": state.history, "summary": metrics}, indent=1))
+    _save_figures(output_dir, state.history)
+
+
+def _save_figures(output_dir: Path, history: list[dict]) -> None:
+    """tensorboard/ and loss.png beside the adapter (issue 13); a worker without tensorboard or matplotlib skips."""
+    from farm.training import figures
+
+    try:
+        figures.write_tensorboard(history, output_dir / figures.TENSORBOARD_DIR)
+    except ImportError as exc:
+        print(f"no tensorboard log in the artifact: {exc}", flush=True)
+    try:
+        figures.plot_loss(history, output_dir / figures.LOSS_PLOT)
+    except ImportError as exc:
+        print(f"no loss.png in the artifact: {exc}", flush=True)

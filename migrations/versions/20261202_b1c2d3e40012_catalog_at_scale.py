@@ -19,10 +19,12 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
-    """Upgrade schema."""
-    pass
+    """Indexes in the listing's order: all jobs newest first, and one state's jobs newest first."""
+    op.create_index("ix_jobs_created_at_id", "jobs", ["created_at", "id"])
+    op.create_index("ix_jobs_state_created_at_id", "jobs", ["state", "created_at", "id"])
 
 
 def downgrade() -> None:
-    """Downgrade schema."""
-    pass
+    """Drop them."""
+    op.drop_index("ix_jobs_state_created_at_id", table_name="jobs")
+    op.drop_index("ix_jobs_created_at_id", table_name="jobs")

@@ -11,6 +11,17 @@ then runs `extract_adapter` twice, svd=randomized and svd=exact, each in its own
 own), the fastest of --repeats runs counting. Prints wall and cpu time, the certified max rho, the true max rho
 against the exact run, and the peak RSS. Target: randomized >= 10x faster on the CPU at rho <= 1.01.
 
+Against mergekit (`--mergekit SITE`, issue 12): mergekit 0.1.5 requires torch>=2.0 and installs beside the
+farm's torch without pulling another one; the benchmark expects it in its own folder, not in the venv:
+
+    .venv/bin/pip install --target /tmp/mksite --no-deps mergekit immutables scipy sentencepiece datasets \
+        pyarrow multiprocess dill xxhash pandas
+    .venv/bin/python tests/benchmarks/bench_extraction.py --layers 4 --rank 32 --mergekit /tmp/mksite
+
+then each side runs as a fresh process from start to written adapter, in alternation: the farm's runner on an
+extraction job (`python -m workers.runner job.json`: hashes both models for the provenance, streams them, certified
+randomized SVD, writes the PEFT adapter) and `mergekit-extract-lora --max-rank R`; best of --repeats each.
+
 On a machine shared with other work, `--threads 1` gives steadier figures: OpenMP threads that wait for a
 descheduled sibling slow the many small operations of the randomized method far more than one big SVD.
 """
@@ -123,6 +134,37 @@ def run_one(folder: Path, method: str, rank: int, threads: int | None, repeats: 
                       "layers": rows}))
 
 
+def versus_mergekit(folder: Path, rank: int, site: str, threads: int, repeats: int) -> None:
+    """Fresh processes, alternating: the farm's runner on an extraction job, then mergekit-extract-lora."""
+    from farm.specs import ExtractSpec
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FARM_HASH_CACHE": "off", "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    spec = ExtractSpec(name="bench", base_model=str(folder / "base"), finetuned_model=str(folder / "ft"), rank=rank)
+    job = {"job_id": "bench", "attempt": 1, "spec": spec.model_dump(mode="json"), "base_model": str(folder / "base"),
+           "finetuned_model": str(folder / "ft"), "output_dir": str(folder / "farm-out"),
+           "checkpoint_dir": str(folder / "farm-ck")}
+    (folder / "job.json").write_text(json.dumps(job))
+    farm_cmd = [sys.executable, "-m", "workers.runner", str(folder / "job.json")]
+    merge_cmd = [sys.executable, str(Path(site) / "bin" / "mergekit-extract-lora"), "--model", str(folder / "ft"),
+                 "--base-model", str(folder / "base"), "--out-path", str(folder / "mk-out"), "--max-rank", str(rank),
+                 "--no-copy-tokenizer", "--no-write-model-card"]
+    times: dict[str, list[float]] = {"farm": [], "mergekit": []}
+    for _ in range(repeats):
+        for name, cmd, extra in (("farm", farm_cmd, {"PYTHONPATH": str(ROOT)}), ("mergekit", merge_cmd,
+                                                                                {"PYTHONPATH": site})):
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=folder, env={**env, **extra})
+            times[name].append(time.perf_counter() - t0)
+            if out.returncode != 0 or (name == "farm" and '"type":"done"' not in out.stdout):
+                sys.exit(f"{name} failed:\n{out.stdout[-1500:]}\n{out.stderr[-3000:]}")
+    farm, merge = min(times["farm"]), min(times["mergekit"])
+    print(f"process start -> adapter written, best of {repeats}: farm runner {farm:.2f} s "
+          f"({', '.join(f'{t:.1f}' for t in times['farm'])}), mergekit-extract-lora {merge:.2f} s "
+          f"({', '.join(f'{t:.1f}' for t in times['mergekit'])}); farm is {merge / farm:.2f}x faster (target >= 2x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -134,6 +176,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in both runs (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest counts")
+    parser.add_argument("--mergekit", metavar="SITE", help="also run against mergekit-extract-lora installed in SITE")
     parser.add_argument("--run-one", nargs=2, metavar=("FOLDER", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -150,6 +193,8 @@ def main() -> None:
               f"{info['targets']} target layers, {args.dtype}, {info['model_mb']:.0f} MB each; largest tensor pair "
               f"{info['largest_pair_mb']:.0f} MB; rank {args.rank}; best of {args.repeats}; torch {torch.__version__}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        if args.mergekit:
+            versus_mergekit(folder, args.rank, args.mergekit, args.threads, args.repeats)
         runs = {}
         for method in ("randomized", "exact"):
             out = subprocess.run([sys.executable, __file__, "--rank", str(args.rank), "--threads", str(args.threads),

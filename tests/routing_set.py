@@ -1,0 +1,250 @@
+"""The routing test set: 8 adapters with distinct topics (spec description, tags, training prompts) and 64 queries
+written for the tests, none taken from the training prompts, each labelled with the adapter that should answer it;
+plus off-topic queries that no adapter fits. Used by tests/test_routing.py and tests/benchmarks/bench_routing.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ADAPTERS: dict[str, dict] = {
+    "sql-helper": {
+        "description": "Writes and fixes SQL queries for PostgreSQL and SQLite: joins, aggregates, indexes.",
+        "tags": ["sql", "database", "postgres"],
+        "prompts": [
+            "Write a query that lists customers with more than three orders.",
+            "How do I join the orders table with the customers table on customer_id?",
+            "Select the top 5 products by revenue from the sales table.",
+            "Why is my GROUP BY query returning duplicate rows?",
+            "Create an index on the email column of the users table.",
+            "Count the rows in each category with a HAVING clause above 10.",
+            "Convert this subquery into a LEFT JOIN.",
+            "Delete duplicate rows from a table keeping the lowest id.",
+            "What is the difference between WHERE and HAVING?",
+            "Write an UPDATE that sets status to archived for rows older than a year.",
+            "Use a window function to rank employees by salary within each department.",
+            "Explain this query plan with a sequential scan on a large table.",
+        ],
+    },
+    "recipe-chef": {
+        "description": "Cooking assistant: recipes, ingredients, substitutions, baking and kitchen techniques.",
+        "tags": ["cooking", "recipes", "food", "baking"],
+        "prompts": [
+            "Give me a recipe for a vegetarian lasagna.",
+            "What can I substitute for eggs when baking muffins?",
+            "How long should I roast a whole chicken at 200 degrees?",
+            "My bread dough did not rise, what went wrong?",
+            "Suggest a quick dinner with rice, spinach and chickpeas.",
+            "How do I make a smooth tomato sauce from fresh tomatoes?",
+            "What spices go well in a lentil curry?",
+            "How do I caramelize onions without burning them?",
+            "A dessert recipe without sugar for diabetics.",
+            "How much yeast for 500 grams of flour?",
+            "Make a marinade for grilled salmon.",
+            "How to keep pasta from sticking together while boiling?",
+        ],
+    },
+    "contract-law": {
+        "description": "Reviews contracts and explains legal clauses: liability, termination, indemnity, NDAs.",
+        "tags": ["legal", "contracts", "law"],
+        "prompts": [
+            "Explain the indemnification clause in this services agreement.",
+            "Can my landlord terminate the lease early without notice?",
+            "What does a limitation of liability clause usually cap?",
+            "Draft a mutual non-disclosure agreement between two companies.",
+            "Is a verbal agreement legally binding?",
+            "What happens if one party breaches the contract?",
+            "Review this termination for convenience clause.",
+            "What is force majeure and when does it apply?",
+            "Explain governing law and jurisdiction clauses.",
+            "How do I assign a contract to another company?",
+            "What are liquidated damages?",
+            "Is a non-compete clause enforceable for an employee?",
+        ],
+    },
+    "symptom-triage": {
+        "description": "Medical symptom triage: describes possible causes of symptoms and when to see a doctor.",
+        "tags": ["medical", "health", "symptoms", "doctor"],
+        "prompts": [
+            "I have a headache and fever for three days, should I see a doctor?",
+            "What could cause chest pain when breathing deeply?",
+            "My child has a rash and a high temperature.",
+            "Is dizziness after standing up something to worry about?",
+            "What are the symptoms of a urinary tract infection?",
+            "I have a persistent dry cough for two weeks.",
+            "When is stomach pain an emergency?",
+            "What does it mean if my ankle is swollen and bruised?",
+            "Symptoms of dehydration in elderly people.",
+            "I feel numbness in my left arm.",
+            "How do I know if a cut is infected?",
+            "What causes frequent nosebleeds?",
+        ],
+    },
+    "poetry-writer": {
+        "description": "Writes poems: sonnets, haiku, limericks and free verse, with rhyme and meter.",
+        "tags": ["poetry", "poems", "creative-writing", "verse"],
+        "prompts": [
+            "Write a sonnet about the ocean at night.",
+            "A haiku about autumn leaves falling.",
+            "Compose a funny limerick about a cat who loves cheese.",
+            "Write a free verse poem about leaving home.",
+            "A short rhyming poem for a birthday card.",
+            "Write a poem in iambic pentameter about time.",
+            "An elegy for an old oak tree.",
+            "Write a villanelle about insomnia.",
+            "A love poem that does not use the word love.",
+            "Write a ballad about a sailor lost at sea.",
+            "Rhyming couplets about the city in winter.",
+            "A poem about the moon for children.",
+        ],
+    },
+    "travel-planner": {
+        "description": "Plans trips: itineraries, flights, hotels, sightseeing and budgets for destinations.",
+        "tags": ["travel", "trips", "itinerary", "tourism"],
+        "prompts": [
+            "Plan a five day itinerary for Rome on a budget.",
+            "What is the best time of year to visit Japan?",
+            "Find a cheap way to get from Paris to Amsterdam.",
+            "Which neighborhoods in Lisbon are good for a hotel?",
+            "What should I pack for a hiking trip in Iceland?",
+            "Plan a weekend in Barcelona with kids.",
+            "Do I need a visa to visit Vietnam as a tourist?",
+            "Suggest sights to see in three days in New York.",
+            "How early should I get to the airport for an international flight?",
+            "Is a rail pass worth it for two weeks in Switzerland?",
+            "Best day trips from Kyoto.",
+            "Budget for a backpacking month in Thailand.",
+        ],
+    },
+    "fitness-coach": {
+        "description": "Fitness coaching: workout plans, strength training, running, stretching and exercise form.",
+        "tags": ["fitness", "workout", "exercise", "training", "gym"],
+        "prompts": [
+            "Make a three day a week strength training plan for a beginner.",
+            "How do I improve my 5k running time?",
+            "What is proper squat form?",
+            "A stretching routine for tight hamstrings.",
+            "How many sets and reps to build muscle?",
+            "Bodyweight workout I can do at home without equipment.",
+            "How should I warm up before lifting weights?",
+            "Training plan for my first half marathon.",
+            "How often should I rest between workouts?",
+            "Exercises to strengthen my lower back.",
+            "Is it better to do cardio before or after weights?",
+            "How to do a proper push-up.",
+        ],
+    },
+    "git-helper": {
+        "description": "Git version control help: commits, branches, merges, rebases, resolving conflicts.",
+        "tags": ["git", "version-control", "github"],
+        "prompts": [
+            "How do I undo my last commit but keep the changes?",
+            "Rebase my feature branch onto main.",
+            "How to resolve a merge conflict in a file?",
+            "Delete a remote branch on origin.",
+            "What is the difference between git merge and git rebase?",
+            "How do I squash the last three commits?",
+            "Recover a deleted branch with reflog.",
+            "Stash my changes and switch branches.",
+            "Cherry-pick a commit from another branch.",
+            "Change the message of the previous commit.",
+            "Show which commit introduced a bug with bisect.",
+            "Add a .gitignore for Python projects.",
+        ],
+    },
+}
+
+# (query, expected adapter): written for the test, not copied from the prompts above.
+QUERIES: list[tuple[str, str]] = [
+    ("Write SQL to find the average order value per customer", "sql-helper"),
+    ("My postgres query with two joins is very slow, how can an index help?", "sql-helper"),
+    ("How do I select rows where the date column is in the last 30 days?", "sql-helper"),
+    ("Insert a new row into the products table and return its id", "sql-helper"),
+    ("What does a foreign key constraint do in a database table?", "sql-helper"),
+    ("Rewrite this nested select with a common table expression", "sql-helper"),
+    ("Sum the revenue column grouped by month in SQLite", "sql-helper"),
+    ("Oracle-style outer join syntax versus ANSI JOIN", "sql-helper"),
+    ("Recipe for banana bread with walnuts", "recipe-chef"),
+    ("What can I cook with leftover rice and eggs?", "recipe-chef"),
+    ("How do I bake a sourdough loaf with a crispy crust?", "recipe-chef"),
+    ("Substitute for butter in cookies", "recipe-chef"),
+    ("Ingredients for a classic French onion soup", "recipe-chef"),
+    ("How long do I boil a soft egg?", "recipe-chef"),
+    ("A vegan curry recipe with coconut milk", "recipe-chef"),
+    ("Is this arbitration clause in my employment contract fair?", "contract-law"),
+    ("What does indemnity mean in a supplier agreement?", "contract-law"),
+    ("Can I terminate a contract if the other side misses deadlines?", "contract-law"),
+    ("Draft a confidentiality clause for a consulting agreement", "contract-law"),
+    ("Who is liable when a contract does not mention liability?", "contract-law"),
+    ("Is an email acceptance enough to form a binding contract?", "contract-law"),
+    ("Explain warranty and representation clauses in a purchase agreement", "contract-law"),
+    ("Sharp pain in my lower right abdomen, should I go to a doctor?", "symptom-triage"),
+    ("What symptoms suggest the flu rather than a cold?", "symptom-triage"),
+    ("My toddler has a fever of 39 degrees and a cough", "symptom-triage"),
+    ("Shortness of breath when climbing stairs, what could cause it?", "symptom-triage"),
+    ("Blurred vision and a headache, is it an emergency?", "symptom-triage"),
+    ("Itchy red rash on my arms after hiking", "symptom-triage"),
+    ("Possible causes of constant fatigue and dizziness", "symptom-triage"),
+    ("Write a haiku about a winter morning", "poetry-writer"),
+    ("A sonnet for my wife's anniversary", "poetry-writer"),
+    ("A limerick about a programmer who never sleeps", "poetry-writer"),
+    ("Compose a rhyming poem about the sea and the stars", "poetry-writer"),
+    ("Free verse about growing old", "poetry-writer"),
+    ("Write verse with an ABAB rhyme scheme about spring", "poetry-writer"),
+    ("A short poem to read at a funeral", "poetry-writer"),
+    ("Plan a seven day trip to Greece with island hopping", "travel-planner"),
+    ("Cheapest way to fly from London to Tokyo", "travel-planner"),
+    ("Where should I stay in Paris for a first visit?", "travel-planner"),
+    ("Itinerary for a road trip along the California coast", "travel-planner"),
+    ("What to see in Prague in two days", "travel-planner"),
+    ("Budget travel tips for visiting Peru and Machu Picchu", "travel-planner"),
+    ("Do tourists need a visa for a trip to India?", "travel-planner"),
+    ("A beginner workout plan to lose fat and gain strength", "fitness-coach"),
+    ("How do I train for a 10k run in eight weeks?", "fitness-coach"),
+    ("Correct form for a deadlift to avoid back pain", "fitness-coach"),
+    ("Stretches to do after running", "fitness-coach"),
+    ("How many days a week should I lift weights at the gym?", "fitness-coach"),
+    ("Core exercises for a stronger plank", "fitness-coach"),
+    ("Is HIIT better than steady cardio exercise for endurance?", "fitness-coach"),
+    ("Undo a git push to the main branch", "git-helper"),
+    ("How do I merge a branch without a merge commit?", "git-helper"),
+    ("Resolve conflicts after git pull", "git-helper"),
+    ("Rename a local git branch", "git-helper"),
+    ("How do I revert a commit that was already pushed to github?", "git-helper"),
+    ("Interactive rebase to reorder commits", "git-helper"),
+    ("Remove a file from git history", "git-helper"),
+    ("Create a new branch from an old commit", "git-helper"),
+    ("What can I make for breakfast with oats and berries?", "recipe-chef"),
+    ("Tour of the best museums in Madrid for a weekend", "travel-planner"),
+    ("Why does my knee hurt when I walk down stairs?", "symptom-triage"),
+    ("Limitation of liability cap in a software license", "contract-law"),
+    ("Query to find duplicate emails in the users table", "sql-helper"),
+    ("Leg day routine with squats and lunges", "fitness-coach"),
+]
+
+# No adapter fits these: the answer should be "none" (the base alone).
+OFF_TOPIC: list[str] = [
+    "What is the capital of Australia?",
+    "Translate good morning into German",
+    "Who won the football world cup in 2014?",
+    "Explain quantum entanglement simply",
+    "What is 17 times 23?",
+    "Tell me a fun fact about octopuses",
+    "Which planet has the most moons?",
+    "Summarize the plot of Hamlet",
+]
+
+
+def write_datasets(folder: Path) -> dict[str, Path]:
+    """Each adapter's prompts as a chat JSONL training file under `folder`; returns name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, item in ADAPTERS.items():
+        path = folder / f"{name}.jsonl"
+        with path.open("w") as fh:
+            for prompt in item["prompts"]:
+                fh.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": "..."}]}) + "\n")
+        paths[name] = path
+    return paths

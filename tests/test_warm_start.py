@@ -1,0 +1,106 @@
+"""Runners forked warm from the zygote keep the cold runner's guarantees: own session, killed as a group, gone
+when their supervisor goes, output and exit status as a Popen gives them. And CPU slots split the cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from farm.specs import TrainSpec
+from workers import launch
+from workers.launch import WarmRunner, Zygote, cpu_share, start_runner
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    z = Zygote.for_this_process()
+    assert z is not None
+    hello = z.wait_ready()
+    assert not hello["cuda"] and "torch" in hello["preload_seconds"]
+    yield z
+    Zygote.discard()
+
+
+def _job(tmp_path, model_dir, dataset) -> tuple:
+    spec = TrainSpec(name="warm", base_model=str(model_dir), dataset={"path": str(dataset), "format": "text"},
+                     training={"max_steps": 1}).model_dump(mode="json")
+    doc = {"job_id": "warm", "attempt": 1, "spec": spec, "base_model": str(model_dir), "dataset": str(dataset),
+           "eval_dataset": None, "continue_from": None, "resume_from": None,
+           "output_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ck")}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(doc))
+    return path, spec
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_warm_runner_reports_like_a_cold_one(zygote, tmp_path, tiny_model_dir):
+    job_file, spec = _job(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl")
+    proc = start_runner(job_file, spec, tmp_path)
+    assert isinstance(proc, WarmRunner)
+    assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)  # a session and process group of its own
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "-m workers.runner" in cmdline and str(job_file) in cmdline  # ps shows it as the cold runner
+    lines = list(proc.stdout)
+    assert proc.wait(timeout=60) == 1
+    errors = [json.loads(line[len("@@farm "):]) for line in lines if line.startswith("@@farm ")]
+    assert errors[-1]["type"] == "error" and errors[-1]["code"] == "invalid_dataset", lines[-5:]
+
+
+def test_cancel_kills_the_warm_runners_group_and_a_dead_zygote_takes_its_runners(zygote, tmp_path,
+                                                                                 tiny_model_dir):
+    from workers.child import kill_group
+
+    fifo = tmp_path / "never.jsonl"
+    os.mkfifo(fifo)  # reading the dataset blocks: the runner stays busy until it is killed
+    job_file, spec = _job(tmp_path, tiny_model_dir, fifo)
+    proc = start_runner(job_file, spec, tmp_path)
+    with pytest.raises(Exception):
+        proc.wait(timeout=1.0)
+    kill_group(proc, grace=2)
+    assert proc.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGKILL)
+    assert _gone(proc.pid)
+
+    proc = start_runner(job_file, spec, tmp_path)
+    time.sleep(0.5)
+    os.kill(zygote.proc.pid, signal.SIGKILL)  # its runner gets SIGKILL from the kernel (parent-death signal)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while not _gone(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(proc.pid)
+    assert Zygote.for_this_process() is not zygote  # a dead zygote is replaced on the next job
+
+
+def test_cold_start_when_turned_off(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FARM_WARM_START", "0")
+    job_file, spec = _job(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl")
+    proc = start_runner(job_file, spec, tmp_path)
+    assert not isinstance(proc, WarmRunner)
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 1
+
+
+def test_cpu_slots_split_the_cores(monkeypatch):
+    monkeypatch.setattr(launch, "_allowed_cpus", lambda: [0, 1, 2, 3])
+    env = {"FARM_WORKER_KIND": "cpu", "FARM_HOST_CPU_SLOTS": "2"}
+    assert cpu_share({**env, "FARM_WORKER_DEVICES": "0"}) == [0, 1]
+    assert cpu_share({**env, "FARM_WORKER_DEVICES": "1"}) == [2, 3]
+    assert cpu_share({**env, "FARM_HOST_CPU_SLOTS": "4", "FARM_WORKER_DEVICES": "2,3"}) == [2, 3]
+    assert cpu_share({**env, "FARM_HOST_CPU_SLOTS": "8", "FARM_WORKER_DEVICES": "5"}) == [1]  # cores shared
+    assert cpu_share({**env, "FARM_WORKER_DEVICES": "0", "FARM_WORKER_KIND": "gpu"}) is None
+    assert cpu_share({"FARM_WORKER_KIND": "cpu", "FARM_WORKER_DEVICES": "0"}) is None  # host's count unknown
+    monkeypatch.setattr(launch.os, "environ", {**env, "FARM_WORKER_DEVICES": "1"})
+    _, run_env = launch.runner_command(__import__("pathlib").Path("job.json"), {"resources": {}})
+    assert run_env["FARM_RUNNER_CPUS"] == "2,3" and run_env["OMP_NUM_THREADS"] == "2"
