@@ -169,7 +169,8 @@ def model_card(meta: dict, *, with_plot: bool = False) -> str:
               "- every file's sha256 is in `checksums.json`; the full record is `metadata.json`", ""]
     load_rev = f", revision={revision!r}" if base.get("source") == "hub" and revision else ""
     lines += ["## Load it", "", "```python", "from transformers import AutoModelForCausalLM",
-              "from peft import PeftModel", "", f"base = AutoModelForCausalLM.from_pretrained({base['ref']!r}{load_rev})",
+              "from peft import PeftModel", "",
+              f"base = AutoModelForCausalLM.from_pretrained({base['ref']!r}{load_rev})",
               "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")", "```", "",
               f"Fetch it with `farm pull {a['name']}:{a['version']} DEST`, which verifies every file's sha256.", ""]
     card = ModelCard("---\n" + card_data(meta).to_yaml() + "\n---\n\n" + "\n".join(lines))

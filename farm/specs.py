@@ -194,7 +194,7 @@ class TrainSpec(_Spec):
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
     """Topic words for routing and listing, like [sql, postgres] (issue 15)."""
     base_model: str = Field(min_length=1)
-    """Base model: a local directory, s3://bucket/prefix, a Hub id (org/name, downloaded by the worker into its Hub cache; HF_TOKEN and HF_HUB_OFFLINE honoured) or farm:NAME:VERSION (a merged model of this farm)."""
+    """Base model: a local folder, s3://bucket/prefix, a Hub id (org/name; the worker downloads it) or farm:NAME:V (a merged model)."""
     base_revision: str | None = None
     """Hub revision (branch, tag or commit) of a Hub base model; the commit it resolved to is recorded."""
     license: str | None = Field(None, max_length=64)

@@ -286,21 +286,15 @@ def test_bad_schedules_are_refused(farm, tmp_path, tiny_model_dir):
     assert schedules.list_schedules(settings=farm) == []
 
 
-BEAT = """
-import sys
-from workers.beat import run_beat
-run_beat(loglevel="INFO")
-"""
-
-
 def test_two_beat_processes_fire_each_slot_once(tmp_path, catalog_url, redis_url, tiny_model_dir):
     settings = make_settings(tmp_path, catalog_url, redis_url)
     data = write_dataset(tmp_path / "d.jsonl", "chat", n=8, seed=7)
-    made = schedules.add_schedule(spec_for(tiny_model_dir, data, name="nightly"), every="2s", name="nightly",
+    made = schedules.add_schedule(spec_for(tiny_model_dir, data, name="nightly"), every="1s", name="nightly",
                                   settings=settings)
     assert made["next_slot"]
     env = {**env_for(settings), "FARM_BEAT_INTERVAL_SECONDS": "0.3"}
-    beats = [subprocess.Popen([sys.executable, "-c", BEAT], env=env, cwd=REPO_ROOT, start_new_session=True,
+    beats = [subprocess.Popen([sys.executable, "-m", "farm.cli.main", "beat"], env=env, cwd=REPO_ROOT,
+                              start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / f"beat{i}.log").open("w"))
              for i in range(2)]
     try:

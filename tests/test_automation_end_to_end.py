@@ -100,8 +100,12 @@ def test_cli_feedback_retrains_dedupes_and_replays(farm_stack, tiny_model_dir, t
         assert [a["status_code"] for a in hooks[0]["attempts"]] == [500, 200]
         from farm.automation.webhooks import verify
 
-        headers, body = receiver.requests[-1]
-        assert verify(body, headers["X-Farm-Signature"], "hook-key") and json.loads(body)["id"] == v1["id"]
+        sent = [(h, b) for h, b in receiver.requests if json.loads(b)["id"] == v1["id"]]
+        assert len(sent) == 2 and sent[0][0]["Idempotency-Key"] == sent[1][0]["Idempotency-Key"] == hooks[0]["id"]
+        headers, body = sent[-1]
+        assert verify(body, headers["X-Farm-Signature"], "hook-key") and json.loads(body)["state"] == "succeeded"
+        # the retrained and replayed versions inherit notify: (their specs are the parent's)
+        assert {json.loads(b)["id"] for _, b in receiver.requests} >= {v1["id"], job_id}
     finally:
         receiver.close()
 

@@ -228,3 +228,28 @@ def test_http_client_retries_idempotent_calls_on_503_and_refused_connections():
         if revived:
             revived[0].shutdown()
             revived[0].server_close()
+
+
+def test_events_follow_logs_and_jobs_through_the_api(tmp_path):
+    """The same commands with only FARM_API_URL and FARM_API_TOKEN: no catalog, broker or store on the client."""
+    from farm.job_logs import job_log_key
+    from farm.store import open_store
+    from tests.fixtures.api import TOKENS
+    from tests.test_client_http import start_api_server, stop_api_server
+
+    server = start_api_server(tmp_path / "api")
+    try:
+        job_id = finished_job(server.settings, "remote-logged")
+        open_store(server.settings.store_url, server.settings).put_bytes(b"runner says hi\n", job_log_key(job_id, 1))
+        env = clean_env(FARM_API_URL=server.url, FARM_API_TOKEN=TOKENS["alice"],
+                        FARM_DATABASE_URL="sqlite:////nonexistent/x.db", FARM_BROKER_URL="redis://127.0.0.1:1/0")
+        followed = farm(["events", job_id[:8], "-f"], env, tmp_path, timeout=60)
+        assert followed.returncode == 0, followed.stderr
+        assert followed.stdout.count("progress") == 3 and "succeeded" in followed.stdout and "1.877" in followed.stdout
+        lines = [json.loads(line) for line in farm(["events", job_id, "-f", "--json"], env, tmp_path).stdout.splitlines()]
+        assert [e["type"] for e in lines][-1] == "state" and lines[-1]["state"] == "succeeded"
+        assert farm(["logs", job_id], env, tmp_path).stdout == "runner says hi\n"
+        row = farm(["jobs"], env, tmp_path).stdout
+        assert "final loss 1.543" in row and "eval loss 1.877" in row
+    finally:
+        stop_api_server(server.proc)

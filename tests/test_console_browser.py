@@ -129,12 +129,26 @@ def test_sign_in_watch_the_chart_cancel_open_an_adapter_and_download_a_file(farm
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-loss path.series-loss")
     save_screenshot(browser, tmp_path, "console-job-training.png")
 
-    # cancel it from its page
+    # a second tab on the jobs table, which updates itself (server-sent events)
+    job_tab = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    browser.get(f"{console_url}/ui/jobs")
+    table_tab = browser.current_window_handle
+    row = f"#job-rows tr[data-job='{long.id}']"
+    assert browser.find_element(By.CSS_SELECTOR, row).get_attribute("data-state") == "running"
+
+    # cancel it from its page; the table in the other tab follows without a reload
+    browser.switch_to.window(job_tab)
     browser.find_element(By.ID, "cancel").click()
     browser.switch_to.alert.accept()
     wait_until(lambda: browser.find_elements(By.ID, "notice"), 20, "the cancel notice")
     final = service.wait_for_job(long.id, timeout=120, settings=settings)
     assert final.state == "cancelled"
+    browser.switch_to.window(table_tab)
+    wait_until(lambda: browser.find_element(By.CSS_SELECTOR, row).get_attribute("data-state") == "cancelled", 20,
+               "the live jobs table to show the cancel")
+    browser.close()
+    browser.switch_to.window(job_tab)
     browser.refresh()
     assert browser.find_element(By.ID, "job-state").text == "cancelled" and not browser.find_elements(By.ID, "cancel")
 

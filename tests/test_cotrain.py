@@ -224,3 +224,31 @@ def test_group_runner_refuses_a_bad_group_file(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "at least one job" in out.stdout and "Traceback" not in out.stdout
+
+
+def test_out_of_memory_evicts_the_newest_job_and_the_others_lose_nothing(tiny_model_dir, tmp_path):
+    import torch
+
+    data = write_dataset(tmp_path / "d.jsonl", "chat", n=40, seed=2)
+    keep = make_job(tmp_path, tiny_model_dir, data, "keep", quantization=FP32, lora={"dropout": 0.0}, grad_accum=2)
+    evicted = make_job(tmp_path, tiny_model_dir, data, "evicted", quantization=FP32, seed=3)
+    trainer = CoTrainer([keep, evicted], (events := []).append)
+    calls = {"n": 0}
+    real_tick = trainer._tick
+
+    def tick_with_oom_on_the_third():
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-window for `keep` (grad_accum 2): its partial gradients must be dropped
+            original = trainer.model.forward
+
+            def oom(*args, **kwargs):
+                trainer.model.forward = original
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            trainer.model.forward = oom
+        real_tick()
+
+    trainer._tick = tick_with_oom_on_the_third
+    trainer.run()
+    assert [(e["job_id"], e["reason"]) for e in of(events, "left")] == [("evicted", "out_of_memory")]
+    assert max_rel(losses(solo(keep)), losses(events, "keep")) < 1e-4

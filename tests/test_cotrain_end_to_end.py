@@ -1,8 +1,8 @@
 """Co-training through the whole farm: jobs submitted together to one CPU worker train in one group (issue 10).
 
 Real Redis, catalog, store and Celery worker processes. Three jobs with different r, target modules, max_steps and
-micro-batch sizes: the shortest leaves early, one is cancelled mid-way while the others go on, each succeeded job
-publishes one version whose provenance names its group. And a kill -9 of the whole worker mid-group: every job
+micro-batch sizes: the shortest leaves early, one is cancelled mid-way while the others go on, a job submitted
+later joins the running group, each succeeded job publishes one version whose provenance names its group. And a kill -9 of the whole worker mid-group: every job
 recovers and resumes from its own checkpoint."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
     data = [write_dataset(tmp_path / f"d{i}.jsonl", "chat", n=48, seed=i) for i in range(3)]
     long_ = service.submit_job(write_spec(tmp_path / "a.yaml", tiny_model_dir, data[0], "co-long",
                                           {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                                          max_steps=24, micro_batch_size=4), settings=settings)
+                                          max_steps=60, micro_batch_size=4), settings=settings)
     short = service.submit_job(write_spec(tmp_path / "b.yaml", tiny_model_dir, data[1], "co-short", {"r": 8},
                                           max_steps=4, micro_batch_size=2), settings=settings)
     doomed = service.submit_job(write_spec(tmp_path / "c.yaml", tiny_model_dir, data[2], "co-doomed",
@@ -69,23 +69,28 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
     print(f"cancel of one co-trained job took {cancel_s:.2f} s")
     assert cancel_s < 6  # the farm's promise is 3 s; slack for a loaded 2-core test machine
     assert service.get_job(long_.id, settings=settings).state == "running"  # the neighbour goes on
+    # Continuous batching: a compatible job submitted now joins the running group between its steps.
+    joiner = service.submit_job(write_spec(tmp_path / "d.yaml", tiny_model_dir, data[0], "co-joiner", {"r": 4},
+                                           max_steps=3, micro_batch_size=2), settings=settings)
 
-    finals = {j.id: service.wait_for_job(j.id, timeout=600, settings=settings) for j in (long_, short)}
+    finals = {j.id: service.wait_for_job(j.id, timeout=600, settings=settings) for j in (long_, short, joiner)}
     assert all(f.state == "succeeded" for f in finals.values()), (finals, farm_stack.worker_logs())
+    assert finals[joiner.id].cotraining["cotrained_with"] == [long_.id]
+    assert finals[joiner.id].attempt == 1
     assert finals[short.id].finished_at < finals[long_.id].finished_at  # the shortest left early
     for name in ("co-long", "co-short"):
         assert [a.version for a in service.list_adapters(name, settings=settings)] == [1]
     assert service.list_adapters("co-doomed", settings=settings) == []
 
     long_view = finals[long_.id]
-    assert set(long_view.cotraining["cotrained_with"]) == {short.id, doomed.id}
+    assert set(long_view.cotraining["cotrained_with"]) == {short.id, doomed.id, joiner.id}
     sizes = [s["size"] for s in long_view.cotraining["group_sizes"]]
-    assert sizes[0] == 3 and sizes[-1] == 1
+    assert sizes[0] == 3 and 2 in sizes[1:] and sizes[-1] == 1
     assert finals[short.id].cotraining["cotrained_with"] == sorted([long_.id, doomed.id])
     adapter = service.get_adapter("co-long", settings=settings)
     assert adapter.provenance["cotraining"]["cotrained_with"] == long_view.cotraining["cotrained_with"]
     # Each job kept its own attempt and events; the partners' own messages lost the claim as duplicates.
-    for job in (long_, short):
+    for job in (long_, short, joiner):
         states = [e.state for e in service.job_events(job.id, settings=settings) if e.type == "state"]
         assert states == ["queued", "running", "succeeded"]
 

@@ -134,7 +134,7 @@ def test_two_jobs_on_one_s3_base_download_it_once(tmp_path, tiny_model_dir, s3_s
         with session_scope(settings.database_url) as session:
             assert repo.list_jobs(session) == []
         stack.start_worker()
-        jobs = [service.submit_job(train_spec(tmp_path / f"j{i}.yaml", uri, data, name=f"s3-bot-{i}", max_steps=2,
+        jobs = [service.submit_job(train_spec(tmp_path / f"j{i}.yaml", uri, data, name=f"s3-bot-{i}", max_steps=1,
                                               eval_every=None), settings=settings, force=True)  # not deduplicated
                 for i in range(2)]
         fetched = []

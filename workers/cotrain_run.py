@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ from workers.job_run import JobRun
 from workers.outcome import Outcome
 
 log = logging.getLogger("farm.worker")
-CANCEL_POLL_S = 1.0  # how often the group looks for cancelled jobs (cancel of one job must take <= 3 s)
+CANCEL_POLL_S = 0.5  # how often the group looks for cancelled jobs (cancel of one job must take <= 3 s)
 TERMINAL_EVENTS = ("done", "error", "left")
 
 
@@ -174,6 +175,7 @@ class GroupRun:
             reader.join(timeout=30)
             self._settle_ended()
             self._end_orphans(proc.returncode, stopping)
+            shutil.rmtree(self.dir, ignore_errors=True)  # the group file; each job's folder is its JobRun's
 
     # ------------------------------------------------------------------ runner I/O
 

@@ -126,5 +126,5 @@ def _busy_message(kind: str, index: int, path: Path, holder: dict) -> str:
                 f"or choose other devices")
     who = f"its worker {node} (pid {worker})" if node and worker else "a worker it started"
     return (f"{device} is still held: the worker supervisor with pid {sup} is gone but {who} still runs "
-            f"(lock {path}); stop that worker first (kill -TERM {worker if worker else '<pid>'}) "
-            f"or choose other devices")
+            f"(lock {path}); it got SIGQUIT when its supervisor died and exits once it has handed its job back "
+            f"(kill -QUIT {worker if worker else '<pid>'} if it was started otherwise)")

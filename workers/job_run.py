@@ -29,8 +29,8 @@ from farm.errors import FarmError, InputFetchFailed, PublishFailed, StaleAttempt
 from farm.kinds import JobKind, require_kind
 from farm.settings import FarmSettings
 from workers import inputs
-from workers.child import CANCELLED, LOST, start_child, watch
-from workers.launch import runner_command
+from workers.child import CANCELLED, LOST, watch
+from workers.launch import WarmRunner, start_runner
 from workers.outcome import Outcome, decide, record_failure
 from workers.job_logs import LogUploader  # issue 16
 from workers.relay import EventRelay
@@ -113,9 +113,9 @@ class JobRun:
             return info, dict(job.spec), (ckpt.prefix, ckpt.step) if ckpt else None
 
     def _supervise(self, job_file: Path, spec: dict, timeout_minutes: float | None):
-        argv, env = runner_command(job_file, spec)
-        log.info("job %s attempt %d: %s", self.claim.job_id, self.claim.attempt, " ".join(argv))
-        proc = start_child(argv, env, self.dir)
+        proc = start_runner(job_file, spec, self.dir)  # issue 12: forked warm from the zygote when it can be
+        log.info("job %s attempt %d: runner pid %d (%s): %s", self.claim.job_id, self.claim.attempt, proc.pid,
+                 "warm" if isinstance(proc, WarmRunner) else "cold", " ".join(map(str, proc.args)))
         reader = threading.Thread(target=self.relay.read, args=(proc,), daemon=True)
         reader.start()
         return watch(proc, reader, heartbeat=self._heartbeat, heartbeat_seconds=self.settings.heartbeat_seconds,

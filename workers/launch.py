@@ -104,9 +104,13 @@ def start_runner(job_file: Path, spec: dict, cwd: Path):
     cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
     if warm_start_enabled(spec):
         zygote = Zygote.for_this_process()
-        if zygote is not None:
+        # Still importing (the worker just started): start this one cold rather than wait with a claim held and
+        # no heartbeat; the zygote serves the next job.
+        if zygote is not None and zygote.is_ready():
             try:
-                return zygote.spawn([str(job_file)], env, cwd, cpus, title=" ".join(argv))
+                runner = zygote.spawn([str(job_file)], env, cwd, cpus, title=" ".join(argv))
+                runner.args = argv  # what a cold start would have run, for the log
+                return runner
             except (OSError, ValueError, RuntimeError):
                 Zygote.discard()
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -210,6 +214,18 @@ class Zygote:
         if not line:
             raise RuntimeError("the zygote did not answer")
         return json.loads(line)
+
+    def is_ready(self) -> bool:
+        """Whether the zygote has finished its imports (never waits)."""
+        if self.ready is None:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            if not ready:
+                return False
+            try:
+                self.wait_ready(timeout=0)
+            except (RuntimeError, ValueError, OSError):
+                return False
+        return not self.ready.get("cuda")
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
         """The zygote's hello (its preload seconds per module), once it has imported everything."""

@@ -52,15 +52,20 @@ def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2**20, limit_mb * 2**20))
 
 
-def read_job(path: str | Path) -> dict:
-    """The job file as a dict; SpecError when it is missing, not JSON, or has no spec kind."""
+def read_json_file(path: str | Path, what: str = "job file"):
+    """The JSON content of a file the supervisor wrote; SpecError naming `what` when it is missing or not JSON."""
     path = Path(path)
     try:
-        job = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SpecError(f"{path}: job file not found") from None
+        raise SpecError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"{path}: unreadable job file: {exc}") from None
+        raise SpecError(f"{path}: unreadable {what}: {exc}") from None
+
+
+def read_job(path: str | Path) -> dict:
+    """The job file as a dict; SpecError when it is missing, not JSON, or has no spec kind."""
+    job = read_json_file(path)
     kind = job.get("spec", {}).get("kind") if isinstance(job, dict) and isinstance(job.get("spec"), dict) else None
     require_kind(kind, f"{path}: spec")
     return job

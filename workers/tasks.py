@@ -84,7 +84,7 @@ _current_run = None
 
 def _end_skipped_task_as_job(task, job_id: str, settings) -> None:
     """A message whose job already ended (cancelled while waiting, or trained in another task's co-training
-    group) ends in the job's state too: a cancelled job's task is REVOKED in Flower, not SUCCESS."""
+    group) ends in the job's state too: a cancelled job's task is CANCELLED in Flower, not SUCCESS."""
     from farm.catalog.models import CANCELLED, FAILED, Job
 
     with session_scope(settings.database_url) as session:
@@ -104,7 +104,7 @@ def _end_task_as_job(dispatcher, request_id: str, job_id: str, state: str, setti
     """issue 16: the Celery task ends in the state that matches the job's, so Flower tells the truth.
 
     succeeded -> SUCCESS (return normally); failed -> FAILURE (JobFailed, one line in the log, no traceback);
-    cancelled -> REVOKED and handed back / lost -> RETRY (the event Flower reads, then Ignore: the message is
+    cancelled -> CANCELLED and handed back / lost -> RETRY (the event Flower reads, then Ignore: the message is
     acknowledged and no task-succeeded follows).
     """
     from celery.exceptions import Ignore
@@ -118,7 +118,9 @@ def _end_task_as_job(dispatcher, request_id: str, job_id: str, state: str, setti
         return
     try:
         if state == "cancelled":
-            dispatcher.send("task-revoked", uuid=request_id, terminated=False, signum=None, expired=False)
+            # A custom event, not task-revoked: once a task-progress event has been seen, Celery's event state (and
+            # so Flower) ranks REVOKED below the custom PROGRESS state and would keep showing PROGRESS.
+            dispatcher.send("task-cancelled", uuid=request_id, job_id=job_id)
         else:
             dispatcher.send("task-retried", uuid=request_id, exception=f"job {job_id} is {state}: another attempt "
                             "will resume it", traceback="")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from farm.cli import render
@@ -35,7 +36,7 @@ def _http():
 
 def checkpoints(job_id: str = typer.Argument(..., help="Job id (or a unique prefix)."),
                 json_out: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
-    """A job's checkpoints in the store: step, train loss, eval loss, size. Pull one with `farm pull JOB@step-K DEST`."""
+    """A job's checkpoints in the store: step, train loss, eval loss, size (pull one: `farm pull JOB@step-K DEST`)."""
     from farm.checkpoints import CheckpointPublic, list_checkpoints
 
     http = _http()
@@ -74,7 +75,7 @@ def merge(ref: str = typer.Argument(..., help="Adapter NAME or NAME:VERSION."),
 
         job = submit_merge(ref, dtype=dtype, name=name, max_shard_size=max_shard_size)
     for note in job.notes:
-        render.err_console.print(f"[yellow]not checked here[/yellow]: {note}", highlight=False)
+        render.err_console.print(f"[yellow]not checked here[/yellow]: {escape(note)}", highlight=False)
     if wait:
         from farm.client import get_client
 

@@ -97,6 +97,8 @@ def submit(
                              "(--force trains anyway)")
     elif not json_out:
         render.console.print(f"submitted job [bold]{job.id}[/bold] ({job.kind} {job.name}) to {job.queue}")
+    for note in getattr(job, "notes", None) or []:  # issue 13: what the door could not check
+        render.err_console.print(f"[yellow]not checked at submit[/yellow]: {escape(note)}", highlight=False)
     if wait:
         job = _wait(client, job.id, quiet=json_out)
         if json_out:

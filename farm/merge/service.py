@@ -79,8 +79,6 @@ def submit_merge(adapter: str, *, dtype: str = "bfloat16", name: str | None = No
         job = repo.create_job(session, kind="merge", name=spec.name, queue=queue, spec=spec_to_dict(spec),
                               spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
                               submitted_by=submitted_by or _local_user())
-        for note in notes:
-            repo.add_event(session, job.id, 0, "log", data={"message": f"not checked at submit: {note}"})
         view = job_view(job).model_copy(update={"notes": notes})
     try:
         from farm.queue import ring_doorbell

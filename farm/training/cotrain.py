@@ -268,8 +268,10 @@ class CoTrainer:
             self.emit({"type": "log", "message": f"not co-trained here: {exc}", "job_id": str(job.get("job_id"))})
             self.emit({"type": "left", "reason": "incompatible", "job_id": str(job.get("job_id"))})
             return
-        except FarmError as exc:
-            self.emit({"type": "error", "code": exc.code, "message": exc.message, "job_id": str(job.get("job_id"))})
+        except Exception as exc:  # this job's inputs or setup: it fails alone, its neighbours go on
+            code, message = (exc.code, exc.message) if isinstance(exc, FarmError) else \
+                ("runner_crashed", f"{type(exc).__name__}: {exc}")
+            self.emit({"type": "error", "code": code, "message": message, "job_id": str(job.get("job_id"))})
             from farm.training.cotrain_mix import adapter_name
 
             self._forget(adapter_name(job.get("job_id")))  # when it failed after its adapter was added
@@ -286,11 +288,12 @@ class CoTrainer:
             self._join(job)
         while True:
             self._apply_control()
+            # Done or stopped early (also a job resumed from its last step): it leaves before the next step.
+            for member in [m for m in self.members if m.finished]:
+                self._leave(member, complete=True)
             if not self.members:
                 break
             self._tick()
-            for member in [m for m in self.members if m.finished]:
-                self._leave(member, complete=True)
 
     def _apply_control(self) -> None:
         for message in self.control():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,14 +28,6 @@ sys.path.insert(0, str(REPO))
 from farm.runner_protocol import parse_line  # noqa: E402
 from farm.specs import TrainSpec  # noqa: E402
 from farm.tiny import build_tiny_model, write_dataset  # noqa: E402
-
-# Runs a runner module and reports its peak RSS (KiB) on stderr when it exits.
-WRAPPER = ("import atexit, resource, runpy, sys; "
-           "u = lambda: resource.getrusage(resource.RUSAGE_SELF); "
-           "atexit.register(lambda: print('@@maxrss', u().ru_maxrss, u().ru_utime + u().ru_stime, "
-           "file=sys.stderr)); module = sys.argv[1]; sys.argv = sys.argv[1:]; "
-           "runpy.run_module(module, run_name='__main__', alter_sys=True)")
-
 
 def make_job(root: Path, model: Path, i: int, args) -> dict:
     data = write_dataset(root / f"data-{i}.jsonl", "chat", n=64, seed=i)
@@ -49,17 +42,22 @@ def make_job(root: Path, model: Path, i: int, args) -> dict:
 
 
 def run_process(module: str, doc_path: Path) -> tuple[float, float, int, list[dict]]:
-    """(wall seconds, CPU seconds, peak RSS in MiB, events) of one runner process."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, module, str(doc_path)], cwd=REPO, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    events = [e for e in map(parse_line, proc.stdout.splitlines()) if e]
+    """(wall seconds, CPU seconds, peak RSS in MiB, events) of one runner process (its own rusage, from wait4)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", module, str(doc_path)], cwd=REPO, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    events = [e for e in map(parse_line, stdout.splitlines()) if e]
     errors = [e for e in events if e["type"] == "error"]
     if proc.returncode != 0 or errors:
-        raise SystemExit(f"{module} failed ({proc.returncode}): {errors or proc.stderr[-2000:]}")
-    _, rss, cpu = next(line.split() for line in proc.stderr.splitlines() if line.startswith("@@maxrss"))
-    return wall, float(cpu), int(rss) // 1024, events
+        raise SystemExit(f"{module} failed ({proc.returncode}): {errors or stderr[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, events
 
 
 def final_losses(events: list[dict], default_id: str | None = None) -> dict[str, float]:

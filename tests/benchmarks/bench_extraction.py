@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in both runs (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest counts")
     parser.add_argument("--mergekit", metavar="SITE", help="also run against mergekit-extract-lora installed in SITE")
+    parser.add_argument("--mergekit-only", action="store_true", help="with --mergekit: skip the exact-SVD runs")
     parser.add_argument("--run-one", nargs=2, metavar=("FOLDER", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -195,6 +196,8 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         if args.mergekit:
             versus_mergekit(folder, args.rank, args.mergekit, args.threads, args.repeats)
+            if args.mergekit_only:
+                return
         runs = {}
         for method in ("randomized", "exact"):
             out = subprocess.run([sys.executable, __file__, "--rank", str(args.rank), "--threads", str(args.threads),
