@@ -68,10 +68,16 @@ def test_cli_feedback_retrains_dedupes_and_replays(farm_stack, tiny_model_dir, t
         job_id = out["retrain_job"]
         assert job_id and out["pool_new"] == 0
         published = wait_for_version(settings, "e2e-bot", 2)
-        print(f"\nfeedback row -> published adapter (every=16, tiny model, 4 steps): {published - started:.1f} s")
+        view = service.get_job(job_id, settings=settings)
+        print(f"\nfeedback row -> published adapter (every=16, tiny model, 4 steps): {published - started:.1f} s "
+              f"(queued {(view.started_at - view.created_at).total_seconds():.1f} s, ran and published "
+              f"{(view.finished_at - view.started_at).total_seconds():.1f} s)")
         lineage = json.loads(farm(["lineage", "e2e-bot:2", "--json"], env).stdout)
         assert lineage["parent"] == "e2e-bot:1" and lineage["origin"] == "retrain"
         assert len(lineage["feedback_events"]) == 16 and lineage["job_id"] == job_id
+        provenance = json.loads(farm(["adapter", "e2e-bot:2", "--json"], env).stdout)["provenance"]["lineage"]
+        assert provenance["continued_from"] == "e2e-bot:1" and provenance["origin"] == "retrain"
+        assert provenance["feedback_events"] == lineage["feedback_events"]  # in metadata.json too
         shown = json.loads(farm(["retrain", "e2e-bot", "--json"], env).stdout)
         assert shown["pool_used"] == 16 and shown["runs"][0]["replay_rows"] == 8
 
@@ -139,6 +145,12 @@ def test_api_feedback_policy_schedule_and_force(farm_stack, tiny_model_dir, tmp_
     wait_for_version(settings, "e2e-bot", 2)
     lineage = http.get("/v1/adapters/e2e-bot/lineage", params={"version": 2}).json()
     assert lineage["parent"] == "e2e-bot:1" and len(lineage["feedback_events"]) == 4
+    compared = http.get("/v1/adapters/e2e-bot/compare", params={"version": 1, "other": "e2e-bot:2"}).json()
+    assert compared["identical"] is False and compared["max_abs_diff"] > 0 and compared["tensor"]
+    replayed = http.post("/v1/adapters/e2e-bot/replay", params={"version": 1})
+    assert replayed.status_code == 201 and replayed.json()["deduplicated"] is False
+    assert http.get("/v1/adapters/e2e-bot/lineage", params={"version": 1}).json()["origin"] == "submit"
+    http.post(f"/v1/jobs/{replayed.json()['id']}/cancel")
 
     # schedules over the API (the remote CLI); their firing is tested with two beats in test_automation.py
     made = json.loads(farm(["schedule", "add", str(spec), "--every", "6h", "--name", "nightly", "--json"],

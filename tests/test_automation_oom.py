@@ -6,14 +6,11 @@ address space ~2.1 GB at micro-batch 8, ~1.6 GB at 4; one packed 32768-token row
 
 from __future__ import annotations
 
-import pytest
-
 from farm import service
 from farm.tiny import write_dataset
 from tests.test_end_to_end import write_spec
 
 LIMIT_MB = 1850
-pytestmark = pytest.mark.slow  # about 3.5 minutes on the shared 2-core machine: three trainings, two that fail
 
 
 def test_out_of_memory_halves_the_micro_batch_then_fails_at_one(farm_stack, tiny_model_dir, tmp_path):
@@ -30,6 +27,7 @@ def test_out_of_memory_halves_the_micro_batch_then_fails_at_one(farm_stack, tiny
     assert final.attempt == 2 and final.spec["training"]["micro_batch_size"] == 4
     assert final.spec["training"]["grad_accum"] == 2  # the same effective batch
     events = service.job_events(job.id, settings=settings)
+    assert any(f"capped at {LIMIT_MB} MiB" in str(e.data) for e in events if e.type == "log")
     retries = [e.data for e in events if e.type == "oom_retry"]
     assert retries == [{"from": {"micro_batch_size": 8, "grad_accum": 1},
                         "to": {"micro_batch_size": 4, "grad_accum": 2}, "attempt": 1}]

@@ -253,3 +253,27 @@ def test_events_follow_logs_and_jobs_through_the_api(tmp_path):
         assert "final loss 1.543" in row and "eval loss 1.877" in row
     finally:
         stop_api_server(server.proc)
+
+
+def test_logs_follow_prints_new_lines_until_the_job_ends(home, tmp_path):
+    from farm.job_logs import job_log_key
+    from farm.store import open_store
+
+    env, settings = home
+    with session_scope(settings.database_url) as session:
+        job_id = repo.create_job(session, kind="train", name="followed", queue="farm.cpu", spec={"kind": "train"},
+                                 spec_hash="3" * 64, max_attempts=3).id
+    store = open_store(settings.store_url, settings)
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "logs", job_id, "-f"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # no log yet: following waits for one
+        store.put_bytes(b"loading base\n", job_log_key(job_id, 1))
+        time.sleep(2.5)
+        store.put_bytes(b"loading base\nstep 1 loss 2.1\n", job_log_key(job_id, 1))
+        service.cancel_job(job_id, settings=settings)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "loading base\nstep 1 loss 2.1\n", (out, err)

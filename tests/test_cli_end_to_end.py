@@ -107,7 +107,9 @@ def test_submit_wait_list_show_pull(mode, farm_stack, tiny_model_dir, tmp_path, 
 
     dest = tmp_path / "pulled"
     pulled = json.loads(farm(["pull", "e2e-bot:1", str(dest), "--json"], env).stdout)
-    assert {f["path"] for f in pulled["files"]} == {p.name for p in dest.iterdir()}
+    # tensorboard/ is a subfolder of the artifact (issue 13)
+    assert {f["path"] for f in pulled["files"]} == {p.relative_to(dest).as_posix() for p in dest.rglob("*")
+                                                    if p.is_file()}
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(base, dest)
     assert any("lora_" in n for n, _ in model.named_parameters())
@@ -115,4 +117,5 @@ def test_submit_wait_list_show_pull(mode, farm_stack, tiny_model_dir, tmp_path, 
     # pulling again onto a non-empty folder is refused and leaves it as it was
     out = farm(["pull", "e2e-bot:1", str(dest)], env, check=False)
     assert out.returncode != 0 and "error" in out.stderr
-    assert {p.name for p in dest.iterdir()} == {f["path"] for f in pulled["files"]}
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == {
+        f["path"] for f in pulled["files"]}

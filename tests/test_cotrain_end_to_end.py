@@ -47,7 +47,7 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
     data = [write_dataset(tmp_path / f"d{i}.jsonl", "chat", n=48, seed=i) for i in range(3)]
     long_ = service.submit_job(write_spec(tmp_path / "a.yaml", tiny_model_dir, data[0], "co-long",
                                           {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                                          max_steps=60, micro_batch_size=4), settings=settings)
+                                          max_steps=150, micro_batch_size=4), settings=settings)
     short = service.submit_job(write_spec(tmp_path / "b.yaml", tiny_model_dir, data[1], "co-short", {"r": 8},
                                           max_steps=4, micro_batch_size=2), settings=settings)
     doomed = service.submit_job(write_spec(tmp_path / "c.yaml", tiny_model_dir, data[2], "co-doomed",
@@ -61,6 +61,9 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
 
     view = wait_until(lambda: progressed(doomed, 6), farm_stack, what="the group to train")
     assert view.progress["group_size"] >= 2
+    # Continuous batching: a compatible job submitted now joins the running group between its steps.
+    joiner = service.submit_job(write_spec(tmp_path / "d.yaml", tiny_model_dir, data[0], "co-joiner", {"r": 4},
+                                           max_steps=3, micro_batch_size=2), settings=settings)
     t0 = time.monotonic()
     service.cancel_job(doomed.id, settings=settings)
     wait_until(lambda: service.get_job(doomed.id, settings=settings).state == "cancelled", farm_stack, timeout=30,
@@ -68,14 +71,11 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
     cancel_s = time.monotonic() - t0
     print(f"cancel of one co-trained job took {cancel_s:.2f} s")
     assert cancel_s < 6  # the farm's promise is 3 s; slack for a loaded 2-core test machine
-    assert service.get_job(long_.id, settings=settings).state == "running"  # the neighbour goes on
-    # Continuous batching: a compatible job submitted now joins the running group between its steps.
-    joiner = service.submit_job(write_spec(tmp_path / "d.yaml", tiny_model_dir, data[0], "co-joiner", {"r": 4},
-                                           max_steps=3, micro_batch_size=2), settings=settings)
 
     finals = {j.id: service.wait_for_job(j.id, timeout=600, settings=settings) for j in (long_, short, joiner)}
     assert all(f.state == "succeeded" for f in finals.values()), (finals, farm_stack.worker_logs())
-    assert finals[joiner.id].cotraining["cotrained_with"] == [long_.id]
+    assert long_.id in finals[joiner.id].cotraining["cotrained_with"]  # (and doomed, if it joined before it left)
+    assert short.id not in finals[joiner.id].cotraining["cotrained_with"]
     assert finals[joiner.id].attempt == 1
     assert finals[short.id].finished_at < finals[long_.id].finished_at  # the shortest left early
     for name in ("co-long", "co-short"):
@@ -85,7 +85,7 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
     long_view = finals[long_.id]
     assert set(long_view.cotraining["cotrained_with"]) == {short.id, doomed.id, joiner.id}
     sizes = [s["size"] for s in long_view.cotraining["group_sizes"]]
-    assert sizes[0] == 3 and 2 in sizes[1:] and sizes[-1] == 1
+    assert sizes[0] == 3 and sizes[-1] == 1  # its neighbours left (done, cancelled) and it went on
     assert finals[short.id].cotraining["cotrained_with"] == sorted([long_.id, doomed.id])
     adapter = service.get_adapter("co-long", settings=settings)
     assert adapter.provenance["cotraining"]["cotrained_with"] == long_view.cotraining["cotrained_with"]

@@ -123,3 +123,24 @@ def test_the_checker_catches_what_it_should(tmp_path, monkeypatch, source, modul
         assert found == []
     else:
         assert len(found) == 1 and expected in found[0], found
+
+
+def _ignored_by_git(path: Path) -> bool:
+    """A build output or cache folder (git ignores it); False where git cannot tell."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)], timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def test_the_readme_layout_table_matches_the_folders():
+    """Every folder of the tree is in the README's Layout table, and every folder the table names exists."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Layout"):].split("\n## ", 1)[0]
+    named = {row.split("`")[1].rstrip("/") for row in table.splitlines() if row.startswith("| `")}
+    top = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+           and not p.name.endswith(".egg-info") and not _ignored_by_git(p) and any(p.iterdir())}
+    assert top <= named, f"folders missing from the README's Layout table: {sorted(top - named)}"
+    assert all((ROOT / folder).is_dir() for folder in named), sorted(f for f in named if not (ROOT / f).is_dir())

@@ -71,3 +71,18 @@ def test_merge_refuses_a_folder_that_is_not_an_adapter(tiny_model_dir, tmp_path)
     with pytest.raises(ModelError, match="not a PEFT adapter folder"):
         merge_adapter(tiny_model_dir, tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_job_refuses_a_base_that_changed_since_training(tiny_model_dir, tmp_path):
+    from farm.errors import ModelError
+    from farm.merge.run import run_merge
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    events = []
+    job = {"job_id": "j1", "base_model": str(tiny_model_dir), "adapter": str(adapter),
+           "output_dir": str(tmp_path / "out"),
+           "spec": {"kind": "merge", "name": "bot-merged", "adapter": "bot:1", "base_model": "org/tiny",
+                    "base_model_sha256": "0" * 64}}
+    with pytest.raises(ModelError, match=r"org/tiny is not the model bot:1 was trained on"):
+        run_merge(job, events.append)
+    assert not (tmp_path / "out").exists() and not any(e["type"] == "done" for e in events)

@@ -60,11 +60,11 @@ class GroupRun:
     """Runs one attempt of each claimed job, together, to their ends; `run()` returns {job_id: final state}."""
 
     def __init__(self, claims: list[Claim], settings: FarmSettings,
-                 on_progress: Callable[[str, dict], None] | None = None):
+                 on_progress: Callable[[str, int, dict], None] | None = None):
+        """`on_progress(job_id, attempt, event)` relays progress (a Celery event) besides the catalog."""
         self.settings = settings
-        self.report = on_progress or (lambda job_id, event: None)
-        self.runs = {c.job_id: JobRun(c, settings, on_progress=lambda e, j=c.job_id: self.report(j, e))
-                     for c in claims}
+        self.report = on_progress or (lambda job_id, attempt, event: None)
+        self.runs = {c.job_id: self._job_run(c) for c in claims}
         first = claims[0]
         self.dir = Path(settings.work_dir).resolve() / "groups" / f"{first.job_id}-{first.attempt}"
         self.stop_requested = threading.Event()  # set by the pool process's SIGTERM handler
@@ -73,6 +73,9 @@ class GroupRun:
         self.ended: queue.Queue = queue.Queue()  # (job_id, event) of done / error / left
         self.proc: subprocess.Popen | None = None
         self._stdin_lock = threading.Lock()
+
+    def _job_run(self, claim: Claim) -> JobRun:
+        return JobRun(claim, self.settings, on_progress=lambda e: self.report(claim.job_id, claim.attempt, e))
 
     # ------------------------------------------------------------------ the attempt
 
@@ -119,8 +122,7 @@ class GroupRun:
             log.warning("group claim of joining jobs failed: %s", exc)
             return
         for claim in claims:
-            run = self.runs[claim.job_id] = JobRun(claim, self.settings, on_progress=lambda e, j=claim.job_id:
-                                                   self.report(j, e))
+            run = self.runs[claim.job_id] = self._job_run(claim)
             if self._prepare(claim.job_id, run):
                 log.info("job %s joins the co-training group", claim.job_id)
                 self._send({"op": "join", "job": self.active[claim.job_id]["doc"]})

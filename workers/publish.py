@@ -53,9 +53,11 @@ def publish_adapter(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> 
             parent_id = repo.get_adapter(session, *parse_adapter_ref(parent_ref)).id
     meta = build_metadata(name=name, version=version, job=out.job_info, spec=spec, done=out.done,
                           inputs=out.job_doc)
-    with session_scope(settings.database_url) as session:  # issue 14: micro-batch halvings after out-of-memory
+    with session_scope(settings.database_url) as session:  # issue 14: what started it; out-of-memory halvings
         from farm.automation.oom import oom_history
+        from farm.automation.retrain import job_lineage
 
+        meta.setdefault("lineage", {}).update(job_lineage(session, claim.job_id))
         if retries := oom_history(session, claim.job_id):
             meta["oom_retries"] = retries
     write_artifact_docs(out.output_dir, meta)

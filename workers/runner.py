@@ -50,6 +50,7 @@ def limit_memory() -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (limit_mb * 2**20, limit_mb * 2**20))
+        emit({"type": "log", "message": f"address space capped at {limit_mb} MiB (FARM_RUNNER_MEMORY_LIMIT_MB)"})
 
 
 def read_json_file(path: str | Path, what: str = "job file"):

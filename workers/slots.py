@@ -101,6 +101,9 @@ def worker_command(slot: Slot, hostname: str, settings: FarmSettings,
     env = dict(os.environ)
     env.update(settings_env(settings))
     env.update(FARM_WORKER_KIND=slot.kind, FARM_WORKER_DEVICES=slot.device_list, FARM_WORKER_NODE=node)
+    # Celery retitles its processes with setproctitle when installed, which by default writes over the memory of
+    # /proc/<pid>/environ; keep that readable (which devices does this worker see?) for operators and drills.
+    env["SPT_NOENV"] = "1"
     if slot.kind == "gpu":
         # nvidia-smi numbers GPUs in PCI bus order; CUDA's default order (fastest first) may differ
         env.update(CUDA_VISIBLE_DEVICES=slot.device_list, CUDA_DEVICE_ORDER="PCI_BUS_ID")

@@ -59,8 +59,7 @@ def run_job(self, job_id: str) -> dict:
     if len(claims) > 1:  # issue 10: one runner for the group; each job keeps its own attempt and outcome
         from workers.cotrain_run import GroupRun
 
-        attempts = {c.job_id: c.attempt for c in claims}
-        _current_run = GroupRun(claims, settings, on_progress=lambda job, event: relay(event, job, attempts[job]))
+        _current_run = GroupRun(claims, settings, on_progress=lambda job, attempt, event: relay(event, job, attempt))
     else:
         _current_run = JobRun(claim, settings, on_progress=relay)
     # billiard resets signal handlers after worker_process_init, so the handler goes in here, around the job.

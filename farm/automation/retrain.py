@@ -241,6 +241,16 @@ def check_all_pools(*, settings: FarmSettings | None = None) -> list[str]:
     return started
 
 
+def job_lineage(session, job_id: str) -> dict:
+    """What started a job, for its adapter's provenance: origin, replay_of, the feedback rows it learned from."""
+    lineage = session.get(JobLineage, job_id)
+    run = session.scalar(select(RetrainRun).where(RetrainRun.job_id == job_id))
+    out = {"origin": lineage.origin if lineage else None, "replay_of": lineage.replay_of if lineage else None}
+    if run is not None:
+        out.update(feedback_events=list(run.rows), feedback_pool_sha256=run.pool_sha256, replay_rows=run.replay_rows)
+    return out
+
+
 def adapter_lineage(ref: str, *, settings: FarmSettings | None = None) -> dict:
     """Where an adapter version came from: its parent, the feedback rows it learned from, what it replays."""
     from farm.names import parse_adapter_ref

@@ -1,6 +1,7 @@
 """Webhooks: a job's end, POSTed to its spec's `notify.url` and to every FARM_WEBHOOK_URLS, through an outbox.
 
-Nothing on a job's path waits for a receiver. A sender (a thread of each worker process, and `farm beat`'s tick)
+Nothing on a job's path waits for a receiver. A sender (a thread of the reaper process that `farm worker` runs
+beside its workers, workers/reaper.py, and `farm beat`'s tick)
 calls `deliver_due`: it adds an outbox row (`webhook_deliveries`, unique per job, URL and event) for each job that
 ended since the sender last looked, claims due rows by compare-and-set on their attempt count (several senders
 never POST one attempt twice), POSTs, and records every attempt (`webhook_attempts`). A failure is retried with

@@ -191,6 +191,8 @@ class JobProgress:
         info = _progress_text(p, job.state, self.mean_tokens_per_s(p)) if p else ""
         if p.get("phase") == "extract" and p.get("layer"):
             info += f"  {p['layer']}"
+        if job.state == "running" and p.get("step") and p.get("step") == p.get("total_steps"):
+            info += "  saving and publishing the adapter"  # the worker uploads it, checksums last
         self.progress.update(self.task, completed=p.get("step", 0), total=p.get("total_steps"), state=job.state,
                              info=info)
 

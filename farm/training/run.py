@@ -78,6 +78,9 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     # (load_base_model); here only the JSON, so a broken file fails before the weights are hashed.
     from farm.model_files import read_config
 
+    if not (base_dir / "config.json").is_file():
+        raise ModelError(f"{base_dir}: no config.json; base_model must be a saved transformers model folder",
+                         field="base_model")
     try:
         read_config(base_dir)
     except ModelError as exc:

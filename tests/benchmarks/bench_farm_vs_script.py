@@ -6,7 +6,7 @@
 One farm (Redis db FARM_TEST_E2E_REDIS_DB, a SQLite catalog, a file store) and one Celery worker are started
 once; then each pair runs (a) the job through the whole farm: submit -> Redis -> worker -> runner (forked warm from
 the worker's zygote after the first job) -> artifact in the store -> catalog, and (b) the plain script
-(tests/benchmarks/plain_qlora.py: default dtypes, a for loop, loss.backward(), optimizer.step()) in this process
+(tests/benchmarks/plain_qlora.py: default dtypes, a for loop, loss.backward(), optimizer.step()) in a fresh process
 on the same model, data and hyper-parameters. Alternating them makes the machine's drift hit both alike. Prints
 each pair's training tokens/s (non-pad tokens per second of the training loop), the per-pair ratio farm/plain and
 its median, and the farm's fixed cost: submit-to-published wall time minus the training loop, for the first
@@ -52,6 +52,25 @@ def farm_job(stack, model_dir: Path, data_path: Path, args, i: int) -> dict:
             "timings": timings}
 
 
+def plain_in_own_process(model_dir: Path, data: Path, args, seed: int) -> dict:
+    """The plain script in a fresh process, as a user runs it (and as the farm's runner runs): nothing of this
+    benchmark's process (its broker connection, its threads, its imports) weighs on it."""
+    import json
+    import subprocess
+
+    code = ("import json, sys, torch; torch.set_num_threads(%d); "
+            "from tests.benchmarks.plain_qlora import plain_script; "
+            "print(json.dumps(plain_script(%r, %r, steps=%d, micro_batch=%d, max_len=%d, seed=%d, r=%d, alpha=%d, "
+            "dropout=%r)))") % (args.threads, str(model_dir), str(data), args.steps, args.micro_batch, args.seq,
+                                seed, LORA["r"], LORA["alpha"], LORA["dropout"])
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(args.threads)})
+    if out.returncode != 0:
+        raise SystemExit(f"plain script failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _takes_force() -> bool:
     import inspect
 
@@ -73,7 +92,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from farm.tiny import build_tiny_model, write_dataset
-    from tests.benchmarks.plain_qlora import plain_script
     from tests.fixtures.farm import make_stack
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,9 +106,7 @@ def main() -> None:
             stack.start_worker()
             for i in range(args.pairs):
                 farm_runs.append(farm_job(stack, model_dir, data, args, i))
-                plain_runs.append(plain_script(model_dir, data, steps=args.steps, micro_batch=args.micro_batch,
-                                               max_len=args.seq, seed=42 + i, **{k: LORA[k] for k in
-                                                                                ("r", "alpha", "dropout")}))
+                plain_runs.append(plain_in_own_process(model_dir, data, args, seed=42 + i))
                 f, p = farm_runs[-1], plain_runs[-1]
                 print(f"pair {i + 1}: farm {f['tokens_per_s']:7.0f} tok/s, plain {p['tokens_per_s']:7.0f} tok/s, "
                       f"ratio {f['tokens_per_s'] / p['tokens_per_s']:.3f}; farm submit->published {f['wall']:.2f} s "
