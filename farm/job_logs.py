@@ -8,18 +8,10 @@ Part of the service layer (the CLI and the API read it through here).
 from __future__ import annotations
 
 from farm.errors import NotFound
+from farm.names import job_log_attempt, job_log_key, job_log_prefix
 from farm.settings import FarmSettings, get_settings
 
-LOG_FILE = "attempt-{attempt}.log"
-
-
-def job_log_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/logs/"
-
-
-def job_log_key(job_id: str, attempt: int) -> str:
-    """Where attempt `attempt` of job `job_id` keeps its log in the store."""
-    return job_log_prefix(job_id) + LOG_FILE.format(attempt=int(attempt))
+__all__ = ["job_log_key", "log_attempts", "read_job_log"]  # job_log_key: the key layout lives in farm/names.py
 
 
 def log_attempts(job_id: str, *, settings: FarmSettings | None = None) -> list[int]:
@@ -29,9 +21,9 @@ def log_attempts(job_id: str, *, settings: FarmSettings | None = None) -> list[i
     settings = settings or get_settings()
     attempts = []
     for key in open_store(settings.store_url, settings).list_keys(job_log_prefix(job_id)):
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("attempt-") and name.endswith(".log") and name[8:-4].isdigit():
-            attempts.append(int(name[8:-4]))
+        attempt = job_log_attempt(key)
+        if attempt is not None:
+            attempts.append(attempt)
     return sorted(attempts)
 
 

@@ -5,6 +5,7 @@ home:
 
     adapters/<name>/v<N>/                  a published adapter version (adapter_prefix)
     jobs/<job_id>/checkpoints/step-<k>/    a resumable checkpoint (checkpoint_prefix)
+    jobs/<job_id>/logs/attempt-<n>.log     the runner's whole log of one attempt (job_log_key)
     datasets/<sha256>.jsonl                a dataset submitted from a local file (dataset_key)
     store:<key>                            a reference to a key of the farm's store in a spec (store_ref)
     farm.cpu, farm.cpu.N, farm.gpu.N       the Celery queue serving a job's devices (queue_name)
@@ -60,6 +61,28 @@ def adapter_file_key(name: str, version: int, path: str) -> str:
 def checkpoint_prefix(job_id: str, step: int) -> str:
     """The store folder of a job's checkpoint at `step` (ends with '/')."""
     return f"jobs/{job_id}/checkpoints/step-{step}/"
+
+
+JOB_LOG_FILE = "attempt-{attempt}.log"
+"""The file name of one attempt's log under `job_log_prefix` (parse it back with `job_log_attempt`)."""
+
+
+def job_log_prefix(job_id: str) -> str:
+    """The store folder holding the logs of every attempt of job `job_id` (ends with '/')."""
+    return f"jobs/{job_id}/logs/"
+
+
+def job_log_key(job_id: str, attempt: int) -> str:
+    """Where attempt `attempt` of job `job_id` keeps its log in the store."""
+    return job_log_prefix(job_id) + JOB_LOG_FILE.format(attempt=int(attempt))
+
+
+def job_log_attempt(key: str) -> int | None:
+    """The attempt number of a key `job_log_key` made (None for any other key)."""
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("attempt-") and name.endswith(".log") and name[8:-4].isdigit():
+        return int(name[8:-4])
+    return None
 
 
 # ---------------------------------------------------------------- adapter references

@@ -1,4 +1,4 @@
-"""The runner's whole log of an attempt, copied to the store (farm/job_logs.py says where) while it runs and once
+"""The runner's whole log of an attempt, copied to the store (farm/names.py says where) while it runs and once
 more when it ends: `farm logs JOB [-f]` reads it from there, long after the worker's scratch folder is gone."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from farm.job_logs import job_log_key
+from farm.names import job_log_key
 from farm.settings import FarmSettings
 
 log = logging.getLogger("farm.worker")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 
 from farm.errors import FarmError
+from farm.names import queue_name
 from farm.settings import FarmSettings
 
 
@@ -42,8 +43,8 @@ class Slot:
     def queue(self) -> str:
         """The queue of jobs needing exactly this many devices (farm/specs.py queue_for)."""
         if self.kind == "gpu":
-            return f"farm.gpu.{self.size}"
-        return "farm.cpu" if self.size == 1 else f"farm.cpu.{self.size}"
+            return queue_name(gpus=self.size)
+        return queue_name(cpu_slots=self.size)
 
     @property
     def device_list(self) -> str:

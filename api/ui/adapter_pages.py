@@ -13,6 +13,7 @@ from api.ui.pages import CallerUI, page
 from api.ui.views import lineage_svg
 from farm import console, service
 from farm.errors import FarmError
+from farm.names import adapter_file_key
 from farm.stats import collect_stats
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -43,7 +44,7 @@ def _model_card_html(settings, name: str, version: int) -> str | None:
     from farm.store import open_store
 
     store = open_store(settings.store_url, settings)
-    key = f"adapters/{name}/v{version}/{MODEL_CARD}"
+    key = adapter_file_key(name, version, MODEL_CARD)
     try:
         data = store.get_bytes(key)
     except FarmError:

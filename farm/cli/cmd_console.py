@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import typer
 
 from farm.cli import render
+from farm.names import CPU_QUEUE
 from farm.schemas import JobPublic
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -110,7 +111,7 @@ def follow_events(client, job_id: str, after: int = 0):
 def worker_command(queue: str) -> str:
     """The command that starts a worker serving `queue` (farm.cpu, farm.cpu.N, farm.gpu.N)."""
     parts = queue.split(".")
-    if queue == "farm.cpu":
+    if queue == CPU_QUEUE:
         return "farm worker --cpu"
     if len(parts) == 3 and parts[2].isdigit():
         n = int(parts[2])
