@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.errors import (
     AuthError,
+    BundleError,
     ChecksumMismatch,
     DatasetError,
     FarmError,
@@ -43,6 +44,7 @@ STATUS_BY_ERROR: tuple[tuple[type[FarmError], int], ...] = (
     (DatasetError, 422),
     (ModelError, 422),
     (ResourceError, 422),
+    (BundleError, 422),  # issue 15: an uploaded bundle that does not verify
     (AuthError, 401),
     (NotFound, 404),
     (InvalidState, 409),

@@ -14,8 +14,8 @@ import re
 
 from farm.settings import FarmSettings, get_settings
 
-UPLOAD_ROUTES = ("/v1/datasets",)
-"""POSTs to these paths carry a dataset file: they get the upload limit, every other request the body limit."""
+UPLOAD_ROUTES = ("/v1/datasets", "/v1/bundles")  # issue 15: bundle imports
+"""POSTs to these paths carry a dataset file or a bundle: they get the upload limit, every other request the body limit."""
 
 
 def _limit_for(scope, settings: FarmSettings) -> int:

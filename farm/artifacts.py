@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 import farm
+from farm.kinds import require_kind
 
 METADATA_FILE = "metadata.json"
 CONFIG_FILE = "training_config.yaml"
@@ -98,7 +99,7 @@ def card_tags(spec: dict) -> list[str]:
     tags = ["peft", "lora"]
     if spec["kind"] == "train" and (spec.get("quantization") or {}).get("bits", 16) < 16:
         tags.append("qlora")
-    tags.append("extracted-lora" if spec["kind"] == "extract" else "lora-farm")
+    tags.append(require_kind(spec["kind"]).hub_tag)
     return tags + [t for t in spec.get("tags") or [] if t not in tags]  # the spec's own topic words
 
 
@@ -133,7 +134,7 @@ def model_card(meta: dict, *, with_plot: bool = False) -> str:
     a, spec, base = meta["adapter"], meta["spec"], meta["base_model"]
     revision = base.get("revision")
     lines = [f"# {a['name']} v{a['version']}", "",
-             f"A {'LoRA extracted by SVD' if a['kind'] == 'extract' else 'LoRA/QLoRA adapter'} for "
+             f"A {require_kind(a['kind']).card_title} for "
              f"`{base['ref']}`, made by the farm (job `{meta['job']['id']}`).", "",
              "## Base model", "", f"- reference: `{base['ref']}`",
              f"- revision: {_fmt(revision)}" + (f" (asked for `{base['requested_revision']}`)"

@@ -17,7 +17,6 @@ adapter_origins. A name that exists gets a new version: nothing is ever overwrit
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -45,15 +44,15 @@ from farm.catalog.models import (
     utcnow,
 )
 from farm.catalog.session import session_scope
+from farm.digests import sha256_file
 from farm.errors import BundleError, FarmError
+from farm.kinds import IMPORT_KIND
 from farm.names import adapter_ref, parse_adapter_ref
 from farm.routing import Profile
+from farm.service import local_user
 from farm.settings import FarmSettings, get_settings
 from farm.specs import ADAPTER_NAME_PATTERN
-from farm.store.base import CHUNK_SIZE
 from farm.store.transfer import CHECKSUMS, download_tree, upload_tree
-
-IMPORT_KIND = "import"
 
 
 class ExportResult(BaseModel):
@@ -140,14 +139,6 @@ def bundle_manifest(session: Session, adapter: Adapter, files: dict[str, dict], 
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_bundle(manifest: dict, artifact_dir: Path, dest: Path) -> None:
     """Write the tar (manifest first, then files/...) to a temporary file beside `dest`, then rename it in place."""
     tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
@@ -195,7 +186,7 @@ def export_adapter(ref: str, dest: str | Path, *, settings: FarmSettings | None 
             manifest = bundle_manifest(session, adapter, files, store)
             label = adapter_ref(adapter.name, adapter.version)
         write_bundle(manifest, artifact, dest)
-    return ExportResult(adapter=label, path=str(dest.resolve()), size=dest.stat().st_size, sha256=_sha256(dest),
+    return ExportResult(adapter=label, path=str(dest.resolve()), size=dest.stat().st_size, sha256=sha256_file(dest),
                         files=len(files))
 
 
@@ -244,7 +235,7 @@ def _record_import(manifest: dict, artifact: Path, name: str, source: str, setti
         spec = {"kind": IMPORT_KIND, "name": name, "source": source, "origin": origin}
         job = repo.create_job(session, kind=IMPORT_KIND, name=name, queue=IMPORT_KIND, spec=spec,
                               spec_hash=_text(a.get("spec_hash"), 64) or "0" * 64, max_attempts=1,
-                              submitted_by=repo_user())
+                              submitted_by=local_user())
         # Running with no lease: never reaped, never claimed; a crash before the end leaves an invisible row.
         job.state, job.attempt, job.worker, job.started_at = RUNNING, 1, "import", utcnow()
         repo.add_event(session, job.id, 1, "state", state=RUNNING, data={"source": source[:500]})
@@ -299,14 +290,5 @@ def _undo(settings: FarmSettings, store, job_id: str, prefix: str) -> None:
             session.execute(delete(Adapter).where(Adapter.id.in_(ids)))
             session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
             session.execute(delete(Job).where(Job.id == job_id))
-
-
-def repo_user() -> str:
-    import getpass
-
-    try:
-        return f"local:{getpass.getuser()}"
-    except Exception:
-        return "local"
 
 

@@ -72,15 +72,13 @@ def list_checkpoints(job_id: str, *, settings: FarmSettings | None = None) -> li
         return [_view(c) for c in repo.list_checkpoints(session, job.id)]
 
 
-def pull_checkpoint(ref: str, dest: str | Path, *, settings: FarmSettings | None = None) -> PullResult:
-    """Download JOB@step-K's adapter folder, every file verified against the catalog, into `dest`.
+def checkpoint_files(ref: str, *,
+                     settings: FarmSettings | None = None) -> tuple[str, int, str, list[AdapterFilePublic]]:
+    """(job id, step, store prefix of the adapter folder, its files with the catalog's sha256) of JOB@step-K.
 
-    The result is a standard PEFT adapter folder. A mismatch raises ChecksumMismatch and leaves nothing at `dest`.
-    """
+    Raises SpecError (not JOB@step-K), NotFound (unknown job, no such step, no adapter folder in it)."""
     from farm.catalog import repository as repo
     from farm.catalog.session import session_scope
-    from farm.store import open_store
-    from farm.store.transfer import download_prefix
 
     settings = settings or get_settings()
     job_ref, step = parse_checkpoint_ref(ref)
@@ -91,13 +89,27 @@ def pull_checkpoint(ref: str, dest: str | Path, *, settings: FarmSettings | None
             have = ", ".join(f"step-{k}" for k in sorted(found)) or "none"
             raise NotFound(f"job {job.id} has no checkpoint at step {step} in the store (it has: {have}); list them "
                            f"with `farm checkpoints {job.id[:8]}`")
-        prefix, files = found[step].prefix, found[step].files
-    expected = {f["path"][len(ADAPTER_DIR):]: f["sha256"] for f in files if f["path"].startswith(ADAPTER_DIR)}
-    if not expected:
+        job_id, prefix, files = job.id, found[step].prefix, found[step].files
+    entries = [AdapterFilePublic(path=f["path"][len(ADAPTER_DIR):], size=int(f.get("size", 0)), sha256=f["sha256"])
+               for f in files if f["path"].startswith(ADAPTER_DIR)]
+    if not entries:
         raise NotFound(f"{ref}: the checkpoint holds no adapter folder")
-    records = download_prefix(open_store(settings.store_url, settings), prefix + ADAPTER_DIR, Path(dest),
-                              expected=expected)
-    return PullResult(name=f"{job.id}@step-{step}", version=step, dest=str(Path(dest).resolve()),
+    return job_id, step, prefix + ADAPTER_DIR, entries
+
+
+def pull_checkpoint(ref: str, dest: str | Path, *, settings: FarmSettings | None = None) -> PullResult:
+    """Download JOB@step-K's adapter folder, every file verified against the catalog, into `dest`.
+
+    The result is a standard PEFT adapter folder. A mismatch raises ChecksumMismatch and leaves nothing at `dest`.
+    """
+    from farm.store import open_store
+    from farm.store.transfer import download_prefix
+
+    settings = settings or get_settings()
+    job_id, step, prefix, entries = checkpoint_files(ref, settings=settings)
+    records = download_prefix(open_store(settings.store_url, settings), prefix, Path(dest),
+                              expected={e.path: e.sha256 for e in entries})
+    return PullResult(name=f"{job_id}@step-{step}", version=step, dest=str(Path(dest).resolve()),
                       files=[AdapterFilePublic(path=r["path"], size=r["size"], sha256=r["sha256"], etag=r.get("etag"))
                              for r in records])
 

@@ -30,11 +30,18 @@ class FarmClient(Protocol):
 class LocalClient:
     """Calls the service layer in-process (needs the catalog, broker and store settings)."""
 
+    transfer_progress = None
+    """issue 16: a factory (label, total bytes) -> context manager with advance(n): bars on dataset uploads and
+    pulls, as on farm.client_http.HttpClient (the CLI sets it when stderr is a terminal)."""
+
     def __init__(self, settings: FarmSettings | None = None):
         self.settings = settings or get_settings()
 
     def submit(self, spec_path: Path, force: bool = False) -> JobPublic:
-        return service.submit_job(Path(spec_path), settings=self.settings, force=force)
+        from farm.store.progress import transfer_bars
+
+        with transfer_bars(self.transfer_progress):
+            return service.submit_job(Path(spec_path), settings=self.settings, force=force)
 
     def get_job(self, job_id: str) -> JobPublic:
         return service.get_job(job_id, settings=self.settings)
@@ -59,7 +66,12 @@ class LocalClient:
         return service.get_adapter(ref, settings=self.settings)
 
     def pull(self, ref: str, dest: Path) -> PullResult:
-        return service.pull_adapter(ref, dest, settings=self.settings)
+        if self.transfer_progress is None:
+            return service.pull_adapter(ref, dest, settings=self.settings)
+        view = service.get_adapter(ref, settings=self.settings)
+        with self.transfer_progress(f"pull {view.name}:{view.version}", sum(f.size for f in view.files)) as bar:
+            return service.pull_adapter(f"{view.name}:{view.version}", dest, settings=self.settings,
+                                        on_bytes=bar.advance)
 
 
 def get_client(settings: FarmSettings | None = None) -> FarmClient:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from farm import service
 from farm.errors import FarmError
 from farm.names import adapter_ref, parse_adapter_ref
 from farm.settings import FarmSettings, get_settings
@@ -62,14 +61,20 @@ def _cache_is_valid(folder: Path, files) -> bool:
 def cached_adapter(ref: str, settings: FarmSettings | None = None) -> tuple[object, Path]:
     """(catalog view, local folder) of adapter `ref`, pulled into <FARM_HOME>/adapters/<name>/v<N>/ once and
     re-verified against the catalog's sha256 on every use (a changed or partial cache is pulled again)."""
+    from farm.client import get_client
+
     settings = settings or get_settings()
-    view = service.get_adapter(ref, settings=settings)
-    folder = Path(settings.home) / "adapters" / view.name / f"v{view.version}"
-    if not _cache_is_valid(folder, view.files):
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        service.pull_adapter(adapter_ref(view.name, view.version), folder, settings=settings)
+    client = get_client(settings)  # the farm's API when FARM_API_URL is set (checksums verified the same way)
+    try:
+        view = client.get_adapter(ref)
+        folder = Path(settings.home) / "adapters" / view.name / f"v{view.version}"
+        if not _cache_is_valid(folder, view.files):
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            client.pull(adapter_ref(view.name, view.version), folder)
+    finally:
+        getattr(client, "close", lambda: None)()
     return view, folder
 
 
@@ -155,7 +160,14 @@ def generate_routed(prompt: str, *, compare: bool = False, max_new_tokens: int =
     from farm.profiles import route
 
     settings = settings or get_settings()
-    answer = route(prompt, top=3, settings=settings)
+    if settings.api_url:  # route on the farm the adapters live on
+        from farm.client_http import HttpClient
+        from farm.profiles import RouteAnswer
+
+        with HttpClient(settings) as client:
+            answer = RouteAnswer.model_validate(client._call("GET", "/v1/route", params={"q": prompt, "top": 3}))
+    else:
+        answer = route(prompt, top=3, settings=settings)
     if answer.choice is None:
         raise FarmError(f"routing chose no adapter: {answer.reason}. Name one: `farm generate NAME \"PROMPT\"`")
     result = generate(answer.choice, prompt, compare=compare, max_new_tokens=max_new_tokens, base=base,

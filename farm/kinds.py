@@ -52,6 +52,10 @@ class JobKind:
     merged model (a catalog entry of kind merge, issue 13)."""
     parent_field: str | None = None
     """The spec field naming the adapter it continues from (recorded as lineage when published), if any."""
+    card_title: str = "adapter"
+    """What its model card calls an adapter it made ("A <card_title> for `<base>`", farm/artifacts.py)."""
+    hub_tag: str = "lora-farm"
+    """The Hub tag saying how its adapter was made (farm/artifacts.py card_tags)."""
 
     def runner_function(self) -> Callable[[dict, Callable[[dict], None]], None]:
         """Import and return the runner function (in the runner child only: it may import torch)."""
@@ -60,6 +64,10 @@ class JobKind:
 
 
 _KINDS: dict[str, JobKind] = {}
+
+IMPORT_KIND = "import"
+"""The kind of the catalog job row that records a bundle import (farm/bundles.py): no spec, no runner, never
+queued, so it is not registered; job listings may still filter on it (`catalog_kind_names`)."""
 
 
 def register(kind: JobKind) -> JobKind:
@@ -73,6 +81,11 @@ def register(kind: JobKind) -> JobKind:
 def kind_names() -> tuple[str, ...]:
     """The registered kinds' names, in registration order."""
     return tuple(_KINDS)
+
+
+def catalog_kind_names() -> tuple[str, ...]:
+    """Every kind a job row of the catalog may have: the registered kinds, then `import`."""
+    return kind_names() + (IMPORT_KIND,)
 
 
 def get_kind(name: str) -> JobKind | None:
@@ -114,12 +127,13 @@ register(JobKind(
             JobInput("dataset.path", "dataset", "dataset"),
             JobInput("dataset.eval_path", "dataset", "eval_dataset"),
             JobInput("continue_from", "adapter", "continue_from")),
-    parent_field="continue_from",
+    parent_field="continue_from", card_title="LoRA/QLoRA adapter",
 ))
 register(JobKind(
     name="extract", spec=ExtractSpec, runner="farm.extraction.run:run_extraction",
     inputs=(JobInput("base_model", "model", "base_model"),
             JobInput("finetuned_model", "model", "finetuned_model")),
+    card_title="LoRA extracted by SVD", hub_tag="extracted-lora",
 ))
 # issue 13: merge an adapter into its base (farm/merge/); the base and its revision are pinned in the spec at submit
 from farm.merge.spec import MergeSpec  # noqa: E402  (farm.merge.spec imports farm.specs, never this module)

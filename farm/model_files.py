@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from farm.digests import sha256_file
 from farm.errors import ModelError
 
 CONFIG_FILE = "config.json"
@@ -21,7 +22,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 _NOT_WEIGHTS = {"adapter_model.safetensors"}
 # The safetensors format itself refuses headers above 100 MB; a bigger one means a corrupt file.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-_CHUNK = 1024 * 1024
 
 # Last name component of input-embedding layers across common architectures (never LoRA "all-linear" targets).
 _EMBEDDING_NAMES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "embed_positions",
@@ -213,15 +213,6 @@ def check_target_modules(model_dir: Path, target_modules: str | list[str],
             f"{model_dir}: target_modules {', '.join(repr(t) for t in missing)} match no layer of this model; "
             f"available: {', '.join(module_suffixes(linear))} (or 'all-linear')", field="target_modules")
     return [m for m in candidates if any(matches_target(m, t) for t in target_modules)]
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of one file, streamed in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_weights(model_dir: Path) -> tuple[str, dict[str, str]]:

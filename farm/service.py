@@ -72,7 +72,10 @@ def store_dataset(path: str | Path, fmt: str, *, settings: FarmSettings | None =
     store = _store(settings)
     key = dataset_key(info.sha256)
     if not store.exists(key):
-        stored = store.put_file(Path(path), key)
+        from farm.store.progress import CountingStore, counted_transfer
+
+        with counted_transfer(f"upload {Path(path).name}", info.size) as advance:  # issue 16: the CLI's bar
+            stored = (CountingStore(store, advance) if advance else store).put_file(Path(path), key)
         if stored.sha256 != info.sha256:
             raise DatasetError(f"{path}: file changed while it was being uploaded; submit again")
     return DatasetPublic(uri=store_ref(key), sha256=info.sha256, size=info.size, examples=info.examples, format=fmt)
@@ -199,11 +202,17 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     with session_scope(settings.database_url) as session:
         job = repo.create_job(session, kind=spec.kind, name=spec.name, queue=queue, spec=spec_to_dict(spec),
                               spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
-                              submitted_by=submitted_by or _local_user())
+                              submitted_by=submitted_by or local_user())
         record_lineage(session, job.id, key)
         if on_record is not None:
             on_record(session, job)
         view = job_view(job).model_copy(update={"notes": notes})  # issue 13: said to whoever submitted
+    return ring_or_withdraw(view, queue, settings)
+
+
+def ring_or_withdraw(view: JobPublic, queue: str, settings: FarmSettings) -> JobPublic:
+    """Ring the doorbell of job `view`, just recorded, on `queue`; when the broker cannot be reached, delete the
+    job's row (nothing half-done stays) and raise FarmError saying so. Returns `view`."""
     try:
         from farm.queue import ring_doorbell
 
@@ -216,7 +225,8 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     return view
 
 
-def _local_user() -> str:
+def local_user() -> str:
+    """Who submits from this machine without an API token: local:<login name> (plain "local" when it is unknown)."""
     try:
         return f"local:{getpass.getuser()}"
     except Exception:

@@ -70,7 +70,8 @@ class FarmSettings(BaseSettings):
     api_max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest request body (a spec) the API reads; larger ones get 413.")
     api_max_upload_bytes: int = Field(
-        4 * 1024 ** 3, ge=1024, description="Largest dataset upload (POST /v1/datasets) the API takes; larger: 413.")
+        4 * 1024 ** 3, ge=1024,
+        description="Largest dataset or bundle upload (POST /v1/datasets, /v1/bundles) the API takes; larger: 413.")
     reaper_interval_seconds: float | None = Field(
         None, gt=0, description="Seconds between two rounds of the lease reaper; default a quarter of the lease.")
 

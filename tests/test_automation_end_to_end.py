@@ -145,6 +145,12 @@ def test_api_feedback_policy_schedule_and_force(farm_stack, tiny_model_dir, tmp_
     wait_for_version(settings, "e2e-bot", 2)
     lineage = http.get("/v1/adapters/e2e-bot/lineage", params={"version": 2}).json()
     assert lineage["parent"] == "e2e-bot:1" and len(lineage["feedback_events"]) == 4
+    # the remote CLI: the same commands through the API
+    out = json.loads(farm(["feedback", "e2e-bot", str(tmp_path / "f.jsonl"), "--json"], env).stdout)
+    assert out["added"] == 0 and out["received"] == 4 and out["every"] == 4
+    assert json.loads(farm(["lineage", "e2e-bot:2", "--json"], env).stdout)["feedback_events"] == \
+        lineage["feedback_events"]
+    assert json.loads(farm(["retrain", "e2e-bot", "--json"], env).stdout)["pool_used"] == 4
     compared = http.get("/v1/adapters/e2e-bot/compare", params={"version": 1, "other": "e2e-bot:2"}).json()
     assert compared["identical"] is False and compared["max_abs_diff"] > 0 and compared["tensor"]
     replayed = http.post("/v1/adapters/e2e-bot/replay", params={"version": 1})

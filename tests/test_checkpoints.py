@@ -80,3 +80,35 @@ def test_bad_checkpoint_references_and_a_corrupt_object(job_with_checkpoints, tm
     with pytest.raises(ChecksumMismatch):
         pull_checkpoint(f"{job_id}@step-30", tmp_path / "bad", settings=settings)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "x").exists()
+
+
+def test_checkpoints_are_listed_and_pulled_through_the_api(job_with_checkpoints, tmp_path):
+    """`farm checkpoints` and `farm pull JOB@step-K DEST` with FARM_API_URL set, from a client with an empty farm of
+    its own: the same verified PEFT folder as a local pull; a corrupt object in the store leaves nothing at DEST."""
+    import json
+
+    from tests.adapters_use_helpers import cli, farm_settings
+    from tests.fixtures.api import TOKENS
+    from tests.test_client_http import start_api_server, stop_api_server
+
+    job_id, settings, store = job_with_checkpoints
+    server = start_api_server(tmp_path / "server", extra_env={"FARM_DATABASE_URL": settings.database_url,
+                                                              "FARM_STORE_URL": settings.store_url})
+    try:
+        client = farm_settings(tmp_path / "client")
+        env = {"FARM_API_URL": server.url, "FARM_API_TOKEN": TOKENS["alice"]}
+        listed = cli(client, "checkpoints", job_id[:8], "--json", env=env)
+        assert [c["step"] for c in json.loads(listed.stdout)] == [10, 20, 30]
+        out = cli(client, "pull", f"{job_id[:8]}@step-20", str(tmp_path / "remote"), env=env)
+        assert out.exit_code == 0, out.output
+        local = pull_checkpoint(f"{job_id}@step-20", tmp_path / "local", settings=settings)
+        assert {f.path: f.sha256 for f in local.files} == \
+            {p.name: __import__("hashlib").sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "remote").iterdir()}
+        with pytest.raises(NotFound, match="no checkpoint at step 40"):
+            cli(client, "pull", f"{job_id}@step-40", str(tmp_path / "x"), env=env)
+        store.put_bytes(b"not the adapter", checkpoint_prefix(job_id, 30) + "adapter/adapter_model.safetensors")
+        with pytest.raises(ChecksumMismatch):
+            cli(client, "pull", f"{job_id}@step-30", str(tmp_path / "bad"), env=env)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "x").exists()
+    finally:
+        stop_api_server(server.proc)

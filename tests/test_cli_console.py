@@ -277,3 +277,51 @@ def test_logs_follow_prints_new_lines_until_the_job_ends(home, tmp_path):
         proc.kill()
     assert proc.returncode == 0, err
     assert out == "loading base\nstep 1 loss 2.1\n", (out, err)
+
+
+def test_local_submit_shows_an_upload_bar_and_wait_shows_the_publishing_phase(home, tmp_path):
+    """Local mode, stderr a terminal (TTY_COMPATIBLE=1 as rich reads it): `farm submit --wait` draws a bar while the
+    dataset goes to the store, and its job bar says `publishing` while the worker publishes (the catalog calls a
+    worker makes: claim, progress, workers.publish.mark_publishing, publish)."""
+    import redis
+
+    from workers.publish import mark_publishing
+
+    env, settings = home
+    env = {**env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160", "HF_HUB_OFFLINE": "1"}
+    redis.Redis.from_url(settings.broker_url).flushdb()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+        for i in range(500)))
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"kind": "train", "name": "shown", "base_model": "org/tiny-llama",
+                                    "dataset": {"path": "train.jsonl", "format": "chat"},
+                                    "training": {"max_steps": 3}}))
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "submit", str(spec), "--wait"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (jobs := service.list_jobs(settings=settings)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        job_id = jobs[0].id
+        with session_scope(settings.database_url) as session:
+            claim = repo.claim_job(session, job_id, "w@host/pid1", 60)
+            for step in (1, 2, 3):
+                repo.record_progress(session, claim, {"step": step, "total_steps": 3, "loss": 2.0 - step / 10,
+                                                     "tokens_per_s": 900.0, "eta_s": 3 - step})
+        time.sleep(1.5)
+        mark_publishing(settings, claim)
+        time.sleep(2.5)  # the CLI polls twice a second
+        with session_scope(settings.database_url) as session:
+            repo.reserve_adapter_version(session, claim, name="shown", kind="train", spec_hash="4" * 64)
+            repo.publish_adapter(session, claim, files=[], provenance={}, metrics={"final_loss": 1.7})
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+        redis.Redis.from_url(settings.broker_url).flushdb()
+    assert proc.returncode == 0, err
+    assert "upload train.jsonl" in err and "kB" in err, err
+    assert "publishing: uploading the artifact" in err, err
+    events = service.job_events(job_id, settings=settings)
+    assert [e.data.get("phase") for e in events if e.type == "progress"][-1] == "publishing"

@@ -40,10 +40,23 @@ def anon(app):
         yield c
 
 
+def login_csrf(client) -> str:
+    """The sign-in form's CSRF token, as a browser gets it with the form (its nonce cookie lands in `client`)."""
+    form = client.get("/ui/login")
+    assert form.status_code == 200
+    return re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+
+
+def sign_in(client, token: str, next_url: str | None = "/ui/jobs"):
+    """Post the sign-in form the way the page does: its token field, next, and the form's CSRF token."""
+    data = {"token": token, "csrf": login_csrf(client), **({"next": next_url} if next_url else {})}
+    return client.post("/ui/login", data=data)
+
+
 @pytest.fixture
 def ui(app):
     with TestClient(app, follow_redirects=False) as c:
-        r = c.post("/ui/login", data={"token": TOKENS["alice"], "next": "/ui/jobs"})
+        r = sign_in(c, TOKENS["alice"])
         assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
         yield c
 
@@ -90,11 +103,11 @@ def test_every_page_redirects_to_sign_in_without_a_valid_session(app, anon, sett
 
 
 def test_the_session_cookie_is_signed_httponly_strict_and_never_holds_the_token(anon, settings):
-    r = anon.post("/ui/login", data={"token": "tok-wrong"})
+    r = sign_in(anon, "tok-wrong", None)
     assert r.status_code == 401 and "not one of this farm" in r.text and "set-cookie" not in r.headers
-    r = anon.post("/ui/login", data={"token": TOKENS["bob"], "next": "//evil.example/x"})
+    r = sign_in(anon, TOKENS["bob"], "//evil.example/x")
     assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"  # no open redirect
-    cookie = r.headers["set-cookie"]
+    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("farm_session="))
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict") and "Path=/ui" in cookie
     value = anon.cookies["farm_session"]
     assert TOKENS["bob"] not in value and TOKENS["bob"] not in cookie
@@ -108,6 +121,36 @@ def test_the_session_cookie_is_signed_httponly_strict_and_never_holds_the_token(
         assert other.get("/ui/jobs").status_code == 303
     anon.post("/ui/logout")
     assert anon.get("/ui/jobs").status_code == 303
+
+
+def test_the_sign_in_form_refuses_a_post_without_its_own_csrf_token(anon, app):
+    """Login CSRF: another site's page posting a valid token (the attacker's) to /ui/login must not sign the
+    visitor in. The form carries a signed nonce whose cookie is HttpOnly, SameSite=Strict, scoped to /ui/login."""
+    form = anon.get("/ui/login")
+    cookie = form.headers["set-cookie"]
+    assert cookie.startswith("farm_login_csrf=") and "HttpOnly" in cookie and "Path=/ui/login" in cookie
+    assert "samesite=strict" in cookie.lower()
+    token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+    nonce = anon.cookies["farm_login_csrf"]
+
+    def refused(r):
+        assert r.status_code == 403 and "farm_session" not in r.headers.get("set-cookie", ""), r.text[:300]
+        assert "sign in again" in r.text and 'name="csrf"' in r.text  # a fresh form to try again with
+
+    with TestClient(app, follow_redirects=False) as other_site:  # a cross-site post: no cookie, no form token
+        refused(other_site.post("/ui/login", data={"token": TOKENS["bob"], "next": "/ui/jobs"}))
+        other_site.cookies.set("farm_login_csrf", "x" * 43, path="/ui/login")  # a cookie without its signature
+        refused(other_site.post("/ui/login", data={"token": TOKENS["bob"], "csrf": "x" * 43}))
+        # the form's token is bound to the nonce of the browser that loaded it, not to any other one
+        refused(other_site.post("/ui/login", data={"token": TOKENS["bob"], "csrf": token}))
+    refused(anon.post("/ui/login", data={"token": TOKENS["bob"], "csrf": token + "x"}))
+    anon.cookies.clear()  # the form's token without the cookie it signs
+    refused(anon.post("/ui/login", data={"token": TOKENS["bob"], "csrf": token}))
+    anon.cookies.clear()
+    anon.cookies.set("farm_login_csrf", nonce, path="/ui/login")
+    ok = anon.post("/ui/login", data={"token": TOKENS["bob"], "csrf": token})
+    assert ok.status_code == 303 and "farm_session" in anon.cookies
+    assert anon.get("/ui/jobs").status_code == 200
 
 
 # ------------------------------------------------------------------ jobs

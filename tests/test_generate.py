@@ -99,3 +99,30 @@ def test_the_cli_prints_both_completions(gen_farm):
     assert data["route"]["choice"] == "animal-colors:1"
     text = cli(gen_farm, "generate", "animal-colors", "What color is the fox?", "--compare", "--max-new-tokens", "4")
     assert text.exit_code == 0 and "base model alone" in text.stdout and "(chat template)" in text.stdout
+
+
+def test_with_farm_api_url_generate_pulls_and_routes_through_the_api(tmp_path, tiny_model_dir, lora_files):
+    """A client whose own farm is empty, FARM_API_URL pointing at a farm's API: the adapter is routed to and pulled
+    through the API (verified into the client's cache), then run here."""
+    from tests.fixtures.api import TOKENS
+    from tests.test_client_http import start_api_server, stop_api_server
+
+    server = start_api_server(tmp_path / "server")
+    try:
+        data = write_dataset(tmp_path / "chat.jsonl", "chat", n=16)
+        publish(server.settings, "animal-colors", lora_files, base_model=str(tiny_model_dir), dataset=data,
+                spec={"description": "Says what color each animal is", "tags": ["animals", "colors"],
+                      "dataset": {"format": "chat"}})
+        client = farm_settings(tmp_path / "client")
+        env = {"FARM_API_URL": server.url, "FARM_API_TOKEN": TOKENS["alice"]}
+        out = cli(client, "generate", "--route", "What color is the fox?", "--max-new-tokens", "4", "--json", env=env)
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.stdout)["route"]["choice"] == "animal-colors:1"
+        cached = Path(client.home) / "adapters" / "animal-colors" / "v1" / "adapter_model.safetensors"
+        assert cached.read_bytes() == lora_files["adapter_model.safetensors"]
+        local = generate("animal-colors", "What color is the fox?", max_new_tokens=4, settings=server.settings)
+        assert json.loads(out.stdout)["completion"] == local.completion
+        with pytest.raises(NotFound):  # the client's own (empty) catalog is not asked
+            cli(client, "generate", "no-such-adapter", "hi", env=env)
+    finally:
+        stop_api_server(server.proc)

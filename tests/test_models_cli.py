@@ -34,3 +34,17 @@ def test_checkpoints_merge_and_pull_commands(farm_stack, tmp_path):
     absent = farm(["pull", f"{job_id}@step-10", str(tmp_path / "dest")], env, check=False)
     assert absent.returncode == 1 and "has no checkpoint at step 10" in absent.stderr
     assert not (tmp_path / "dest").exists()
+
+
+def test_farm_spec_merge_lists_the_merge_fields_from_the_kind_registry():
+    """`farm spec merge` prints the merge spec's fields with defaults and meanings; an unknown kind names them all."""
+    import os
+
+    env = {**os.environ, "FARM_API_URL": ""}
+    out = farm(["spec", "merge"], env).stdout
+    for field in ("adapter", "base_model_sha256", "dtype = 'bfloat16'", "max_shard_size = '5GB'", "license"):
+        assert field in out, out
+    assert "never 4-bit" in out and "kind: merge" in out
+    bad = farm(["spec", "nonsense"], env, check=False)
+    assert bad.returncode == 2 and "train, extract, merge" in bad.stderr
+    assert "merge" in farm(["spec", "--help"], env).stdout

@@ -382,3 +382,72 @@ def test_the_cli_exports_imports_and_refuses_a_tampered_bundle_with_exit_2(farms
     assert added.exit_code == 0 and "FARM_REMOTE_LAB_TOKEN" in added.stdout
     listed = cli(b, "remote", "list", "--json")
     assert json.loads(listed.stdout)[0]["name"] == "lab" and "tok-x" not in listed.stdout
+
+
+def test_export_and_import_go_through_the_api_when_farm_api_url_is_set(two_apis, tmp_path):
+    """`farm export` from farm A's API and `farm import FILE.tar` into farm B's API, by a client whose own (empty)
+    farm knows nothing: the bytes match A's, a tampered bundle is refused by B with nothing written."""
+    a, b = two_apis
+    empty = farm_settings(tmp_path / "client")
+    to_a = {"FARM_API_URL": a.url, "FARM_API_TOKEN": TOKENS["alice"]}
+    to_b = {"FARM_API_URL": b.url, "FARM_API_TOKEN": TOKENS["alice"]}
+    out = cli(empty, "export", "sql-helper", str(tmp_path / "remote.tar"), "--json", env=to_a)
+    assert out.exit_code == 0, out.output
+    exported = json.loads(out.stdout)
+    assert exported["adapter"] == "sql-helper:1"
+    assert exported["files"] == len(get_adapter("sql-helper:1", settings=a.settings).files)
+    assert exported["sha256"] == __import__("hashlib").sha256((tmp_path / "remote.tar").read_bytes()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no part file left
+
+    def uploaded():
+        with session_scope(b.settings.database_url) as session:
+            return session.scalar(select(func.count()).select_from(Adapter).where(Adapter.name == "sql-up"))
+
+    bad = _rewrite(tmp_path / "remote.tar", tmp_path / "bad.tar", _flip_byte)
+    with pytest.raises(BundleError):
+        cli(empty, "import", str(bad), "--as", "sql-up", env=to_b)
+    assert uploaded() == 0
+    ok = cli(empty, "import", str(tmp_path / "remote.tar"), "--as", "sql-up", "--json", env=to_b)
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["adapter"] == "sql-up:1" and uploaded() == 1
+    src = get_adapter("sql-helper:1", settings=a.settings)
+    assert {f.path: f.sha256 for f in get_adapter("sql-up:1", settings=b.settings).files} == \
+        {f.path: f.sha256 for f in src.files}
+    with session_scope(b.settings.database_url) as session:
+        assert session.scalar(select(AdapterOrigin.source).where(AdapterOrigin.name == "sql-helper")
+                              .order_by(AdapterOrigin.id.desc())) == "upload by alice"
+    auth = {"Authorization": f"Bearer {TOKENS['alice']}"}
+    empty_body = httpx.post(f"{b.url}/v1/bundles", content=b"", headers=auth)
+    assert empty_body.status_code in (400, 422), empty_body.text
+    assert "no bundle" in empty_body.json()["message"]
+    unauth = httpx.post(f"{b.url}/v1/bundles", content=(tmp_path / "remote.tar").read_bytes())
+    assert unauth.status_code == 401
+    assert not (Path(empty.home) / "adapters").exists()  # nothing went through the client's own farm
+
+
+def test_a_bundle_upload_over_the_limits_is_refused_with_413_and_nothing_written(farms, tmp_path):
+    """POST /v1/bundles takes the upload limit (FARM_API_MAX_UPLOAD_BYTES, checked on Content-Length before the
+    route runs) and FARM_BUNDLE_MAX_BYTES (checked while a body of unknown length streams in)."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from api.app import create_app
+
+    a, b = farms
+    export_adapter("sql-helper:1", tmp_path / "ok.tar", settings=a)
+    bundle = (tmp_path / "ok.tar").read_bytes()
+    auth = {"Authorization": f"Bearer {TOKENS['alice']}"}
+    tokens = {"api_tokens": {"alice": SecretStr(TOKENS["alice"])}}
+    small_upload = b.model_copy(update={**tokens, "api_max_upload_bytes": len(bundle) - 1})
+    with TestClient(create_app(small_upload)) as client:
+        r = client.post("/v1/bundles", content=bundle, headers=auth)
+        assert r.status_code == 413 and "FARM_API_MAX_UPLOAD_BYTES" in r.json()["message"]
+    small_bundle = b.model_copy(update={**tokens, "bundle_max_bytes": len(bundle) - 1})
+    with TestClient(create_app(small_bundle)) as client:
+        r = client.post("/v1/bundles", content=iter([bundle[:4096], bundle[4096:]]), headers=auth)
+        assert r.status_code == 413 and "FARM_BUNDLE_MAX_BYTES" in r.json()["message"]
+        assert client.post("/v1/bundles", content=bundle[:2048], headers=auth).status_code == 422  # cut off
+    _nothing_imported(b)
+    with TestClient(create_app(b.model_copy(update=tokens))) as client:
+        r = client.post("/v1/bundles", content=bundle, headers=auth, params={"as_name": "fits"})
+        assert r.status_code == 201 and r.json()["adapter"] == "fits:1"

@@ -12,7 +12,8 @@ One claimed attempt of a job, in the order it happens:
 - `publish`   the output published as its kind says (an adapter version, a merged model)
 - `runner`    the runner child process itself: `python -m workers.runner JOB_JSON`
 
-Around them: `supervisor` (one pinned worker per device, restarted), `slots`, `devices`, `device_lock`,
-`pdeathsig` (prctl hooks), `reaper`, `beat`, `zygote` (warm runner starts), `cotrain_run`/`cotrain_runner`
-(co-training groups).
+Around them: `supervisor` (one pinned worker per device, restarted), `processes` (its /proc and process-group
+plumbing), `slots`, `devices`, `device_lock`, `pdeathsig` (prctl hooks), `reaper` (expired leases), `beat`
+(schedules), `zygote` (warm runner starts), `job_logs` (the runner's log to the store), `cotrain_run`/
+`cotrain_runner` (co-training groups: one process trains several jobs).
 """

@@ -92,15 +92,15 @@ class GroupRun:
         """Fetch the job's inputs and write its job file; a failure ends its attempt alone."""
         from farm.kinds import require_kind
 
-        info, spec, checkpoint = run._load()
+        info, spec, checkpoint = run.load()
         try:
             kind = require_kind(spec.get("kind"))
             _, doc = inputs.write_job_file(run.dir, job_id, run.claim.attempt, spec, checkpoint, self.settings)
         except FarmError as exc:
-            self.states[job_id] = run._fail(Outcome.failed(exc))
+            self.states[job_id] = run.fail(Outcome.failed(exc))
             return False
         except Exception as exc:  # a store or network hiccup: another attempt may do better
-            self.states[job_id] = run._fail(Outcome.failed(InputFetchFailed(f"{type(exc).__name__}: {exc}")))
+            self.states[job_id] = run.fail(Outcome.failed(InputFetchFailed(f"{type(exc).__name__}: {exc}")))
             return False
         timeout = spec.get("resources", {}).get("timeout_minutes")
         self.active[job_id] = {"info": info, "spec": spec, "doc": doc, "kind": kind, "timeout": timeout,
@@ -273,18 +273,18 @@ class GroupRun:
             return "lost"
         kind = event["type"]
         if kind == "done":
-            return run._publish(a["kind"], a["spec"], a["info"], a["doc"])
+            return run.publish(a["kind"], a["spec"], a["info"], a["doc"])
         if kind == "error":
-            return run._fail(Outcome("failed", event.get("code") or "runner_error", event.get("message", "")))
+            return run.fail(Outcome("failed", event.get("code") or "runner_error", event.get("message", "")))
         reason = event.get("reason")
         if reason == "cancelled":
-            run._write(repo.mark_cancelled)
+            run.write(repo.mark_cancelled)
             return "cancelled"
         if reason == "timeout":
-            return run._fail(Outcome.failed(AttemptTimedOut(
+            return run.fail(Outcome.failed(AttemptTimedOut(
                 f"killed after resources.timeout_minutes={a['timeout']}")))
         # out_of_memory, incompatible: another attempt trains it elsewhere, from its checkpoint
-        return run._fail(Outcome.failed(RunnerCrashed(f"left its co-training group: {reason}")))
+        return run.fail(Outcome.failed(RunnerCrashed(f"left its co-training group: {reason}")))
 
     def _end_orphans(self, returncode: int | None, stopping: bool) -> None:
         """Jobs still in the group when its runner ended: each fails its attempt (and recovers) on its own."""
@@ -294,13 +294,13 @@ class GroupRun:
             if run.lost:
                 self.states[job_id] = "lost"
             elif stopping:
-                self.states[job_id] = run._fail(Outcome.failed(WorkerStopped(
+                self.states[job_id] = run.fail(Outcome.failed(WorkerStopped(
                     "the worker was stopped; the job resumes from its last checkpoint on another worker")))
             elif returncode is not None and returncode < 0:
-                self.states[job_id] = run._fail(Outcome.failed(RunnerKilled(
+                self.states[job_id] = run.fail(Outcome.failed(RunnerKilled(
                     f"co-training runner killed by signal {-returncode}\n{tail}")))
             else:
-                self.states[job_id] = run._fail(Outcome.failed(RunnerCrashed(
+                self.states[job_id] = run.fail(Outcome.failed(RunnerCrashed(
                     f"co-training runner exited with status {returncode}\n{tail}")))
             del self.active[job_id]
 

@@ -60,15 +60,16 @@ class JobRun:
         self.settings = settings
         self.dir = Path(settings.work_dir).resolve() / claim.job_id / f"attempt-{claim.attempt}"
         self.lost = False
-        self.relay = EventRelay(claim.job_id, settings, self._write, on_progress or (lambda event: None))
+        self.relay = EventRelay(claim.job_id, settings, self.write, on_progress or (lambda event: None))
         # issue 16: the runner's whole log, kept in the store (`farm logs`)
         self.logs = LogUploader(settings, claim.job_id, claim.attempt, self.dir / "runner.log")
         self.relay.log_file = self.logs.path
         self._db_lock = threading.Lock()
         self.stop_requested = threading.Event()  # set by the pool process's SIGTERM handler
 
-    def _write(self, fn, *args, **kwargs):
-        """Run a repository write fenced by the claim (serialised: the relay thread writes too)."""
+    def write(self, fn, *args, **kwargs):
+        """Run repository write `fn(session, claim, *args, **kwargs)` fenced by the claim (serialised: the relay
+        thread writes too); StaleAttempt (the attempt was taken over) marks this run lost and propagates."""
         try:
             with self._db_lock, session_scope(self.settings.database_url) as session:
                 return fn(session, self.claim, *args, **kwargs)
@@ -80,15 +81,15 @@ class JobRun:
 
     def run(self) -> str:
         """Returns the job's final state for this attempt: succeeded, failed, cancelled, recovering or lost."""
-        info, spec, checkpoint = self._load()
+        info, spec, checkpoint = self.load()
         try:
             kind = require_kind(spec.get("kind"))
             job_file, job_doc = inputs.write_job_file(self.dir, self.claim.job_id, self.claim.attempt, spec,
                                                       checkpoint, self.settings)
         except FarmError as exc:
-            return self._fail(Outcome.failed(exc))
+            return self.fail(Outcome.failed(exc))
         except Exception as exc:  # a store or network hiccup: another attempt may do better
-            return self._fail(Outcome.failed(InputFetchFailed(f"{type(exc).__name__}: {exc}")))
+            return self.fail(Outcome.failed(InputFetchFailed(f"{type(exc).__name__}: {exc}")))
         timeout_minutes = spec.get("resources", {}).get("timeout_minutes")
         child = self._supervise(job_file, spec, timeout_minutes)
         self.logs.sync()  # issue 16: the attempt's last lines, before its outcome is recorded
@@ -96,13 +97,14 @@ class JobRun:
         if outcome.kind == "lost":
             return "lost"
         if outcome.kind == "cancelled":
-            self._write(repo.mark_cancelled)
+            self.write(repo.mark_cancelled)
             return "cancelled"
         if outcome.kind == "failed":
-            return self._fail(outcome)
-        return self._publish(kind, spec, info, job_doc)
+            return self.fail(outcome)
+        return self.publish(kind, spec, info, job_doc)
 
-    def _load(self) -> tuple[JobInfo, dict, tuple[str, int] | None]:
+    def load(self) -> tuple[JobInfo, dict, tuple[str, int] | None]:
+        """(what the artifact records about the job, its spec, its latest checkpoint's (prefix, step) or None)."""
         with session_scope(self.settings.database_url) as session:
             job = repo.get_job(session, self.claim.job_id)
             info = JobInfo(id=job.id, attempt=self.claim.attempt, queue=job.queue, worker=self.claim.worker,
@@ -139,7 +141,7 @@ class JobRun:
         """Renew the lease; a reason to stop the runner when the job is being cancelled or was taken over."""
         self.logs.sync()  # issue 16: `farm logs -f` follows the attempt as it runs
         try:
-            if self._write(repo.renew_lease, self.settings.lease_seconds) == CANCELLING:
+            if self.write(repo.renew_lease, self.settings.lease_seconds) == CANCELLING:
                 return CANCELLED
         except StaleAttempt:
             log.warning("job %s attempt %d lost its lease; stopping", self.claim.job_id, self.claim.attempt)
@@ -148,10 +150,14 @@ class JobRun:
             log.warning("heartbeat failed: %s", exc)
         return None
 
-    def _fail(self, outcome: Outcome) -> str:
-        return record_failure(self._write, self.settings, self.claim.job_id, outcome.code, outcome.message)
+    def fail(self, outcome: Outcome) -> str:
+        """Record a failed outcome through the retry policy (workers/outcome.py record_failure); the job's state:
+        "recovering" (re-enqueued), "failed" or "lost"."""
+        return record_failure(self.write, self.settings, self.claim.job_id, outcome.code, outcome.message)
 
-    def _publish(self, kind: JobKind, spec: dict, info: JobInfo, job_doc: dict) -> str:
+    def publish(self, kind: JobKind, spec: dict, info: JobInfo, job_doc: dict) -> str:
+        """Publish the runner's output (workers/publish.py), then drop the scratch folder and the job's checkpoints:
+        "succeeded", "lost" when the attempt was taken over, or the state a failed publish leaves the job in."""
         from workers.publish import RunnerOutput, publish
 
         out = RunnerOutput(kind=kind, spec=spec, job_info=asdict(info), job_doc=job_doc, done=self.relay.done or {},
@@ -162,7 +168,7 @@ class JobRun:
             return "lost"
         except Exception as exc:  # the store or catalog failed mid-publish: the next attempt republishes
             log.exception("job %s: publishing failed", self.claim.job_id)
-            return self._fail(Outcome.failed(PublishFailed(f"{type(exc).__name__}: {exc}")))
+            return self.fail(Outcome.failed(PublishFailed(f"{type(exc).__name__}: {exc}")))
         log.info("job %s published %s", self.claim.job_id, published)
         shutil.rmtree(self.dir, ignore_errors=True)
         try:  # issue 13: the job's checkpoints go after publishing unless training.keep_checkpoints_after_publish

@@ -88,6 +88,21 @@ PUBLISHERS: dict[str, Callable[[FarmSettings, Claim, RunnerOutput], str]] = {"ad
 """What a kind's output becomes (JobKind.publishes) -> the function that publishes it."""
 
 
+PUBLISHING = "publishing"
+"""issue 16: the progress phase while the output is uploaded and recorded (the CLI's --wait bar and /ui show it)."""
+
+
+def mark_publishing(settings: FarmSettings, claim: Claim) -> None:
+    """Record a progress event with phase `publishing`, the last step's figures kept (StaleAttempt when taken over)."""
+    from farm.catalog.models import Job
+
+    with session_scope(settings.database_url) as session:
+        last = dict(session.get(Job, claim.job_id).progress or {})
+        last.pop("eta_s", None)
+        repo.record_progress(session, claim, {**last, "phase": PUBLISHING})
+
+
 def publish(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> str:
     """Publish a successful attempt's output as its kind says; returns what was published (name:version)."""
+    mark_publishing(settings, claim)
     return PUBLISHERS[out.kind.publishes](settings, claim, out)

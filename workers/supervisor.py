@@ -38,6 +38,7 @@ from farm.settings import FarmSettings, get_settings
 from workers.device_lock import DeviceBusy, DeviceLock, acquire_device_locks
 from workers.devices import parse_gpu_selection, probe_gpus
 from workers.pdeathsig import become_subreaper, set_parent_death_signal, term_with_parent
+from workers.processes import child_pids, exit_text, signal_group
 from workers.slots import Slot, plan_slots, settings_env, worker_command
 
 __all__ = ["RestartPolicy", "Slot", "Supervisor", "plan_slots", "run_supervisor", "worker_command"]
@@ -87,71 +88,6 @@ def reaper_command(settings: FarmSettings) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env.update(settings_env(settings))
     return [sys.executable, "-m", "workers.reaper"], env
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Signal a process group; False when it has no member left. Never our own group."""
-    if pgid <= 1 or pgid == os.getpgrp():
-        return False
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _child_pids() -> list[int] | None:
-    """Our live direct children, from /proc (None where /proc is missing)."""
-    fast = _child_pids_from_task_lists()
-    if fast is not None:
-        return fast
-    me, out = os.getpid(), []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name may hold spaces and parentheses: fields resume after the last ')'
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 1 and fields[0] != b"Z" and int(fields[1]) == me:
-            out.append(int(entry))
-    return out
-
-
-def _child_pids_from_task_lists() -> list[int] | None:
-    # /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN) spares reading every process's stat
-    try:
-        tids = os.listdir("/proc/self/task")
-        pids = [int(pid) for tid in tids for pid in Path(f"/proc/self/task/{tid}/children").read_text().split()]
-    except OSError:
-        return None
-    return [pid for pid in pids if not _is_zombie(pid)]
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True  # gone already
-    return stat[stat.rfind(b")") + 2:].split()[0] == b"Z"
-
-
-def _exit_text(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 class Supervisor:
@@ -308,17 +244,17 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             w = self._by_pid.pop(pid, None)
             if w is None:
-                log.info("reaped adopted process %d, which %s", pid, _exit_text(code))
+                log.info("reaped adopted process %d, which %s", pid, exit_text(code))
                 continue
             w.proc.returncode = code  # we reaped it, so Popen must not wait for it again
             w.proc = None
             # what is left in its group (the prefork pool child) is of no use without it
-            _signal_group(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
             ran = time.monotonic() - w.started_at
             if self._stop_requests:
-                log.info("worker %s (pid %d) %s", w.node, pid, _exit_text(code))
+                log.info("worker %s (pid %d) %s", w.node, pid, exit_text(code))
             else:
-                log.warning("worker %s (pid %d) %s after %.1f s", w.node, pid, _exit_text(code), ran)
+                log.warning("worker %s (pid %d) %s after %.1f s", w.node, pid, exit_text(code), ran)
                 self._schedule_restart(w, ran)
 
     def _schedule_restart(self, w: _Worker, ran: float) -> None:
@@ -343,7 +279,7 @@ class Supervisor:
         if not self._subreaper:
             return
         now = time.monotonic()
-        for pid in _child_pids() or []:
+        for pid in child_pids() or []:
             if pid in self._by_pid:
                 continue
             try:
@@ -353,13 +289,13 @@ class Supervisor:
             if pgid not in self._orphans:
                 log.warning("process %d (group %d) outlived the worker that started it: stopping it", pid, pgid)
                 self._orphans[pgid] = now + self.grace_seconds
-                _signal_group(pgid, signal.SIGTERM)  # workers lead their own sessions: never our group
+                signal_group(pgid, signal.SIGTERM)  # workers lead their own sessions: never our group
         for pgid, kill_at in list(self._orphans.items()):
-            if not _signal_group(pgid, 0):
+            if not signal_group(pgid, 0):
                 del self._orphans[pgid]
             elif now >= kill_at:
                 log.warning("process group %d ignored SIGTERM for %.0f s: SIGKILL", pgid, self.grace_seconds)
-                _signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
                 self._orphans[pgid] = float("inf")  # SIGKILL needs no repeating; the group empties soon
 
     # ---- stopping --------------------------------------------------------------------------------------------
@@ -373,13 +309,13 @@ class Supervisor:
             log.info("stopping %d worker(s): SIGTERM (warm shutdown), SIGKILL after %.0f s", len(groups),
                      self.grace_seconds)
         for pgid in groups:
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
         deadline, killed_at, next_scan = time.monotonic() + self.grace_seconds, None, 0.0
         adopted: list[int] = []
         while True:
             has_children = self._reap()
             if self._subreaper and time.monotonic() >= next_scan:  # /proc is not free to read: twice a second
-                adopted = [pid for pid in (_child_pids() or []) if pid not in self._by_pid]
+                adopted = [pid for pid in (child_pids() or []) if pid not in self._by_pid]
                 next_scan = time.monotonic() + 0.5
             for pid in adopted:
                 try:
@@ -388,8 +324,8 @@ class Supervisor:
                     continue
                 if pgid not in groups:
                     groups.add(pgid)
-                    _signal_group(pgid, signal.SIGKILL if killed_at else signal.SIGTERM)
-            groups = {g for g in groups if _signal_group(g, 0)}
+                    signal_group(pgid, signal.SIGKILL if killed_at else signal.SIGTERM)
+            groups = {g for g in groups if signal_group(g, 0)}
             if not groups and not has_children:
                 break
             now = time.monotonic()
@@ -400,7 +336,7 @@ class Supervisor:
                 killed_at = now
             if killed_at is not None:
                 for pgid in groups:
-                    _signal_group(pgid, signal.SIGKILL)
+                    signal_group(pgid, signal.SIGKILL)
                 for pid in adopted:
                     try:
                         os.kill(pid, signal.SIGKILL)

@@ -15,6 +15,7 @@ from api.errors import ErrorBody
 from api.deps import CallerDep, SettingsDep
 from farm import service
 from farm.errors import SpecError
+from farm.kinds import catalog_kind_names
 from farm.limits import InputTooComplex, bound_message, load_json, load_yaml
 from farm.schemas import JobEventPublic, JobPublic
 from farm.specs import JobSpec, parse_spec
@@ -22,7 +23,7 @@ from farm.specs import JobSpec, parse_spec
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 JobState = Literal["queued", "running", "recovering", "cancelling", "succeeded", "failed", "cancelled"]
-JobKind = Literal["train", "extract"]
+JobKind = Literal[catalog_kind_names()]  # the farm/kinds.py registry, and import (a bundle import's job row)
 
 
 def job_spec_schema() -> tuple[dict, dict]:

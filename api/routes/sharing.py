@@ -7,12 +7,13 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from api.deps import SettingsDep
-from farm.bundles import export_adapter
+from api.deps import CallerDep, SettingsDep
+from farm.bundles import ImportResult, export_adapter, import_bundle
+from farm.errors import BundleError
 from farm.profiles import RouteAnswer, route
 
 router = APIRouter(tags=["routing and sharing"])
@@ -48,3 +49,34 @@ def adapter_bundle(name: str, version: str, settings: SettingsDep) -> FileRespon
     return FileResponse(tmp / "bundle.tar", media_type="application/x-tar", filename=filename,
                         headers={"X-Farm-Bundle-Sha256": result.sha256},
                         background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))
+
+
+@router.post("/v1/bundles", status_code=201,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/x-tar": {}}}})
+async def upload_bundle(request: Request, caller: CallerDep, settings: SettingsDep,
+                        as_name: Annotated[str | None, Query(max_length=64, description=(
+                            "Record it under this adapter name (default: the bundle's own)."))] = None,
+                        ) -> ImportResult:
+    """Import a bundle (the body, a tar as `farm export` writes it): every byte is verified against its manifest
+    before anything is written; a name clash makes a new version. A body over FARM_API_MAX_UPLOAD_BYTES or
+    FARM_BUNDLE_MAX_BYTES is refused (413 / bundle_invalid), a tampered bundle leaves nothing."""
+    from starlette.concurrency import run_in_threadpool
+
+    from api.errors import PayloadTooLarge
+
+    tmp = Path(tempfile.mkdtemp(prefix="farm-upload-bundle-"))
+    try:
+        size = 0
+        with open(tmp / "bundle.tar", "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > settings.bundle_max_bytes:
+                    raise PayloadTooLarge(f"the bundle is larger than this farm's limit of {settings.bundle_max_bytes}"
+                                          " bytes (FARM_BUNDLE_MAX_BYTES)")
+                fh.write(chunk)
+        if size == 0:
+            raise BundleError("the request carried no bundle: send the tar file as the body", field="file")
+        return await run_in_threadpool(import_bundle, tmp / "bundle.tar", as_name=as_name, settings=settings,
+                                       source=f"upload by {caller}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

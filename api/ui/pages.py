@@ -61,19 +61,33 @@ def ui_root() -> RedirectResponse:
     return RedirectResponse("/ui/jobs", status_code=303)
 
 
+def _login_page(request: Request, settings, next_url: str | None, error: str | None, status_code: int = 200):
+    """The sign-in form with its CSRF token (session.login_csrf), setting the nonce cookie when it is new."""
+    token, fresh = session.login_csrf(request, settings)
+    response = page(request, "login.html", None, settings, status_code=status_code, next=_safe_next(next_url),
+                    error=error, login_csrf=token)
+    if fresh is not None:
+        session.set_login_cookie(response, request, fresh)
+    return response
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, settings: SettingsDep, next: str | None = None):
-    return page(request, "login.html", None, settings, next=_safe_next(next), error=None)
+    return _login_page(request, settings, next, None)
 
 
 @router.post("/login", response_class=HTMLResponse)
 def login(request: Request, settings: SettingsDep, token: Annotated[str, Form()] = "",
-          next: Annotated[str | None, Form()] = None):
+          next: Annotated[str | None, Form()] = None, csrf: Annotated[str, Form()] = ""):
+    if not session.check_login_csrf(request, settings, csrf):  # a cross-site post, or a form over an hour old
+        return _login_page(request, settings, next, "This sign-in form expired or was not sent from this farm's "
+                           "page: sign in again with the form below.", status_code=403)
     owner = token_owner(token.strip(), settings.api_tokens) if token.strip() else None
     if owner is None:
-        return page(request, "login.html", None, settings, status_code=401, next=_safe_next(next),
-                    error="That is not one of this farm's API tokens (FARM_API_TOKENS).")
+        return _login_page(request, settings, next, "That is not one of this farm's API tokens (FARM_API_TOKENS).",
+                           status_code=401)
     response = RedirectResponse(_safe_next(next), status_code=303)
+    response.delete_cookie(session.LOGIN_COOKIE, path="/ui/login", httponly=True, samesite="strict")
     session.set_session(response, request, settings, owner)
     return response
 

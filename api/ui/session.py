@@ -4,12 +4,18 @@ The cookie carries the token's *name* (the caller), signed with itsdangerous; th
 server's FARM_API_TOKENS, so changing the tokens signs everyone out, and a token removed from them ends its
 sessions at the next request. The cookie is HttpOnly (no script reads it) and SameSite=Strict (no other site's
 page sends it); every form that changes something also carries a CSRF token bound to the same caller.
+
+The sign-in form has its own CSRF token (double-submit): GET /ui/login sets a random nonce in an HttpOnly,
+SameSite=Strict cookie scoped to /ui/login and puts the nonce, signed, in the form; POST /ui/login is refused
+unless the form's token is the signature of the cookie's nonce. Another site's page cannot read the form nor make
+the browser send the cookie, so it cannot sign a visitor into an account of its choosing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -21,6 +27,9 @@ COOKIE = "farm_session"
 MAX_AGE_S = 12 * 3600
 _SESSION_SALT = "farm-console-session"
 _CSRF_SALT = "farm-console-csrf"
+LOGIN_COOKIE = "farm_login_csrf"
+LOGIN_MAX_AGE_S = 3600
+_LOGIN_SALT = "farm-console-login"
 
 
 class LoginRequired(Exception):
@@ -78,3 +87,30 @@ def check_csrf(settings: FarmSettings, caller: str, token: str | None) -> bool:
         return _serializer(settings, _CSRF_SALT).loads(token, max_age=MAX_AGE_S) == caller
     except BadSignature:
         return False
+
+
+def login_csrf(request: Request, settings: FarmSettings) -> tuple[str, str | None]:
+    """(token for the sign-in form, new nonce to set as the LOGIN_COOKIE or None when the request's is kept)."""
+    nonce = request.cookies.get(LOGIN_COOKIE)
+    fresh = None
+    if not nonce or not 32 <= len(nonce) <= 64:
+        nonce = fresh = secrets.token_urlsafe(32)
+    return _serializer(settings, _LOGIN_SALT).dumps(nonce), fresh
+
+
+def set_login_cookie(response: Response, request: Request, nonce: str) -> None:
+    """The sign-in form's double-submit cookie: HttpOnly, SameSite=Strict, sent only to /ui/login."""
+    response.set_cookie(LOGIN_COOKIE, nonce, max_age=LOGIN_MAX_AGE_S, httponly=True, samesite="strict",
+                        path="/ui/login", secure=request.url.scheme == "https")
+
+
+def check_login_csrf(request: Request, settings: FarmSettings, token: str | None) -> bool:
+    """True when the form's `token` signs the nonce of the request's sign-in cookie, within the hour."""
+    nonce = request.cookies.get(LOGIN_COOKIE)
+    if not token or not nonce:
+        return False
+    try:
+        signed = _serializer(settings, _LOGIN_SALT).loads(token, max_age=LOGIN_MAX_AGE_S)
+    except BadSignature:
+        return False
+    return isinstance(signed, str) and hmac.compare_digest(signed, nonce)

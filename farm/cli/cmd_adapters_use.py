@@ -1,7 +1,7 @@
 """CLI commands of issue 15: route, generate, export, import, remote add/list.
 
-`farm route` asks the API (GET /v1/route) when FARM_API_URL is set, else the local catalog. The others work on
-this farm's own catalog and store: generate runs the model here, export/import read and write local files.
+With FARM_API_URL set, route, generate (its pull and --route), export and import (of a bundle file) go through
+the farm's API; else they use this farm's own catalog and store. generate always runs the model here.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ remote_app = typer.Typer(help="Other farms whose adapters `farm import REMOTE/NA
 
 def _say(text: str) -> None:
     render.console.print(text, highlight=False, soft_wrap=True)
+
+
+def _api_client(settings):
+    """The farm's HTTP client, with progress bars on its transfers when stderr is a terminal."""
+    from farm.cli.cmd_console import with_transfer_bars
+    from farm.client_http import HttpClient
+
+    return with_transfer_bars(HttpClient(settings))
 
 
 def _route_answer(query: str, base: Optional[str], top: int, threshold: Optional[float]):
@@ -102,9 +110,16 @@ def export(
     json_out: bool = JsonOpt,
 ) -> None:
     """Write an adapter version as a bundle another farm can `farm import`: files, checksums, provenance, lineage."""
-    from farm.bundles import export_adapter
+    settings = get_settings()
+    if settings.api_url:
+        from farm.client_transfers import export_bundle
 
-    result = export_adapter(ref, file)
+        with _api_client(settings) as client:
+            result = export_bundle(client, ref, file)
+    else:
+        from farm.bundles import export_adapter
+
+        result = export_adapter(ref, file)
     if json_out:
         render.print_json(result)
     else:
@@ -121,8 +136,15 @@ def import_(
     from farm.bundles import import_bundle
 
     path = Path(source)
+    settings = get_settings()
     if path.exists() or source.endswith((".tar", ".tar.gz", ".tgz")) or "/" not in source:
-        result = import_bundle(path, as_name=as_name)
+        if settings.api_url:  # the farm behind the API verifies and records it
+            from farm.client_transfers import import_bundle as upload
+
+            with _api_client(settings) as client:
+                result = upload(client, path, as_name=as_name)
+        else:
+            result = import_bundle(path, as_name=as_name)
     else:
         from farm.remotes import import_from_remote
 

@@ -90,13 +90,17 @@ def merge(ref: str = typer.Argument(..., help="Adapter NAME or NAME:VERSION."),
 
 
 def pull_checkpoint(ref: str, dest: Path):
-    """`farm pull JOB@step-K DEST`: the checkpoint's adapter folder, verified (on a farm host, not over the API)."""
+    """`farm pull JOB@step-K DEST`: the checkpoint's adapter folder, every file's sha256 verified (through the
+    farm's API when FARM_API_URL is set, else from the store)."""
     from farm.checkpoints import pull_checkpoint as pull
 
-    if get_settings().api_url:
-        from farm.errors import FarmError
+    http = _http()
+    if http is not None:
+        from farm.cli.cmd_console import with_transfer_bars
+        from farm.client_transfers import pull_checkpoint as pull_remote
 
-        raise FarmError("pulling a checkpoint needs the farm's store: run it on a farm host (unset FARM_API_URL)")
+        with with_transfer_bars(http) as client:
+            return pull_remote(client, ref, Path(dest))
     return pull(ref, dest)
 
 

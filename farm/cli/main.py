@@ -201,14 +201,15 @@ def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION, or a checkpo
 
 
 @app.command()
-def spec(kind: str = typer.Argument("train", help="train or extract.")) -> None:
-    """Every field of a job spec: its default and what it means."""
+def spec(kind: str = typer.Argument("train", help="A job kind: train, extract, merge (every registered kind).")
+         ) -> None:
+    """Every field of a job spec (train, extract, merge, ...): its default and what it means."""
     from farm.cli.spec_help import spec_tree
     from farm.kinds import get_kind, kind_names
 
     job_kind = get_kind(kind)
     if job_kind is None:
-        raise typer.BadParameter(" or ".join(kind_names()))
+        raise typer.BadParameter(f"unknown kind {kind[:40]!r}: one of {', '.join(kind_names())}")
     render.console.print(spec_tree(job_kind.spec, f"kind: {kind}"))
 
 

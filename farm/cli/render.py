@@ -176,7 +176,8 @@ class JobProgress:
 
     def mean_tokens_per_s(self, p: dict) -> float | None:
         rate = p.get("tokens_per_s")
-        if isinstance(rate, (int, float)) and rate > 0 and isinstance(p.get("step"), int):
+        if isinstance(rate, (int, float)) and rate > 0 and isinstance(p.get("step"), int) \
+                and p.get("phase") != "publishing":  # publishing repeats the last step's figures
             self._rates[(p.get("phase"), p["step"])] = float(rate)
         if not self._rates:
             return None
@@ -191,9 +192,13 @@ class JobProgress:
         info = _progress_text(p, job.state, self.mean_tokens_per_s(p)) if p else ""
         if p.get("phase") == "extract" and p.get("layer"):
             info += f"  {p['layer']}"
-        if job.state == "running" and p.get("step") and p.get("step") == p.get("total_steps"):
-            info += "  saving and publishing the adapter"  # the worker uploads it, checksums last
-        self.progress.update(self.task, completed=p.get("step", 0), total=p.get("total_steps"), state=job.state,
+        if job.state == "running" and p.get("phase") == "publishing":  # issue 16: workers/publish.py says so
+            info = f"{p.get('step', '?')}/{p.get('total_steps', '?')}  publishing: uploading the artifact, " \
+                   "checksums, catalog"
+        elif job.state == "running" and p.get("step") and p.get("step") == p.get("total_steps"):
+            info += "  saving the adapter"  # the runner saves it; publishing starts when it exits
+        state = "publishing" if job.state == "running" and p.get("phase") == "publishing" else job.state
+        self.progress.update(self.task, completed=p.get("step", 0), total=p.get("total_steps"), state=state,
                              info=info)
 
 

@@ -76,7 +76,7 @@ def run_merge(job: dict, emit: Callable[[dict], None]) -> None:
     facts = merge_adapter(base_dir, adapter_dir, Path(job["output_dir"]), dtype=spec.dtype,
                           max_shard_size=spec.max_shard_size)
     emit({"type": "progress", "phase": "merge", "step": 1, "total_steps": 1})
-    from farm.training.environment import environment
+    from farm.environment import environment
 
     emit({"type": "done", "metrics": {"parameters": facts["parameters"]}, "provenance": {
         "base_model_sha256": base_sha, "base_model_files": base_files,

@@ -44,7 +44,7 @@ def submit_merge(adapter: str, *, dtype: str = "bfloat16", name: str | None = No
     from farm.catalog.session import session_scope
     from farm.merge.spec import MergeSpec
     from farm.names import adapter_ref, parse_adapter_ref
-    from farm.service import _local_user, job_view
+    from farm.service import job_view, local_user, ring_or_withdraw
     from farm.specs import queue_for, spec_hash, spec_to_dict
 
     settings = settings or get_settings()
@@ -78,17 +78,6 @@ def submit_merge(adapter: str, *, dtype: str = "bfloat16", name: str | None = No
     with session_scope(settings.database_url) as session:
         job = repo.create_job(session, kind="merge", name=spec.name, queue=queue, spec=spec_to_dict(spec),
                               spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
-                              submitted_by=submitted_by or _local_user())
+                              submitted_by=submitted_by or local_user())
         view = job_view(job).model_copy(update={"notes": notes})
-    try:
-        from farm.queue import ring_doorbell
-
-        ring_doorbell(view.id, queue, settings=settings)
-    except Exception as exc:  # the broker is down: take the row back so nothing half-done stays
-        from farm.catalog.models import Job
-
-        with session_scope(settings.database_url) as session:
-            session.delete(session.get(Job, view.id))
-        raise FarmError(f"cannot reach the broker at FARM_BROKER_URL ({type(exc).__name__}: {exc}); "
-                        "start it with `farm up` or fix the URL. Nothing was submitted.") from None
-    return view
+    return ring_or_withdraw(view, queue, settings)

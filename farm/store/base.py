@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from farm.digests import CHUNK_SIZE, sha256_file  # noqa: F401  (re-exported: farm.store.sha256_file)
 from farm.errors import StoreError
 
-CHUNK_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,6 @@ def copy_stream(reader, writer, chunk_size: int = CHUNK_SIZE) -> None:
         if not chunk:
             return
         writer.write(chunk)
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a local file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def open_source(path: Path) -> BinaryIO:

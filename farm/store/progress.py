@@ -2,10 +2,17 @@
 
     counted = CountingStore(store, on_bytes=bar.advance)
     download_tree(counted, prefix, dest)   # bar.advance(size) after each file
+
+`transfer_bars(factory)` lets a caller deep in the service layer (a local `farm submit` storing its dataset) find
+the CLI's bar factory without every function passing it on: `counted_transfer(label, total)` yields the bar's
+advance, or None when no bar was asked for (issue 16).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable
 
@@ -36,3 +43,28 @@ class CountingStore:
         info = self._store.put_bytes(data, key)
         self._on_bytes(info.size)
         return info
+
+
+_BARS: ContextVar[Callable | None] = ContextVar("farm_transfer_bars", default=None)
+
+
+@contextmanager
+def transfer_bars(factory: Callable | None) -> Iterator[None]:
+    """Within this block, `counted_transfer` draws bars with `factory(label, total)` (a context manager with
+    advance(n), like farm.cli.render.TransferProgress); None: no bars."""
+    token = _BARS.set(factory)
+    try:
+        yield
+    finally:
+        _BARS.reset(token)
+
+
+@contextmanager
+def counted_transfer(label: str, total: int | None) -> Iterator[Callable[[int], None] | None]:
+    """The advance(n) of a bar for `label`, when a `transfer_bars` block asked for bars; else None."""
+    factory = _BARS.get()
+    if factory is None:
+        yield None
+        return
+    with factory(label, total) as bar:
+        yield bar.advance

@@ -254,19 +254,12 @@ def _download(
 
 
 def _check_file_sets(stored: set[str], listed: set[str], source: str, where: str, dest: Path) -> None:
-    missing = sorted(listed - stored)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ChecksumMismatch(
-            f"{source} lists {missing[0]}{more} but {where} does not hold it: the artifact is incomplete. "
-            f"Nothing was written to {dest}.",
-            field=missing[0],
-        )
-    extra = sorted(stored - listed)
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ChecksumMismatch(
-            f"{where} holds {extra[0]}{more}, which {source} does not list: an unverified file is refused. "
-            f"Nothing was written to {dest}.",
-            field=extra[0],
-        )
+    def first(names: list[str]) -> str:
+        return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+    if missing := sorted(listed - stored):
+        raise ChecksumMismatch(f"{source} lists {first(missing)} but {where} does not hold it: the artifact is "
+                               f"incomplete. Nothing was written to {dest}.", field=missing[0])
+    if extra := sorted(stored - listed):
+        raise ChecksumMismatch(f"{where} holds {first(extra)}, which {source} does not list: an unverified file is "
+                               f"refused. Nothing was written to {dest}.", field=extra[0])
