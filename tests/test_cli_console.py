@@ -324,4 +324,5 @@ def test_local_submit_shows_an_upload_bar_and_wait_shows_the_publishing_phase(ho
     assert "upload train.jsonl" in err and "kB" in err, err
     assert "publishing: uploading the artifact" in err, err
     events = service.job_events(job_id, settings=settings)
-    assert [e.data.get("phase") for e in events if e.type == "progress"][-1] == "publishing"
+    assert [(e.type, e.data.get("phase")) for e in events if e.type in ("progress", "publishing")][-1] \
+        == ("publishing", "publishing")

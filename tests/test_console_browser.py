@@ -78,8 +78,13 @@ def browser(tmp_path):
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
+    from selenium.common.exceptions import StaleElementReferenceException
+
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the live table re-rendered the element between find and read
+            value = None
         if value:
             return value
         time.sleep(interval)
@@ -135,7 +140,8 @@ def test_sign_in_watch_the_chart_cancel_open_an_adapter_and_download_a_file(farm
     browser.get(f"{console_url}/ui/jobs")
     table_tab = browser.current_window_handle
     row = f"#job-rows tr[data-job='{long.id}']"
-    assert browser.find_element(By.CSS_SELECTOR, row).get_attribute("data-state") == "running"
+    wait_until(lambda: browser.find_element(By.CSS_SELECTOR, row).get_attribute("data-state") == "running", 20,
+               "the jobs table to show the long job running")
 
     # cancel it from its page; the table in the other tab follows without a reload
     browser.switch_to.window(job_tab)
@@ -156,8 +162,8 @@ def test_sign_in_watch_the_chart_cancel_open_an_adapter_and_download_a_file(farm
     done = service.wait_for_job(quick.id, timeout=300, settings=settings)
     assert done.state == "succeeded", (done.error, farm_stack.worker_logs())
     browser.get(f"{console_url}/ui/jobs")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#job-rows tr[data-job]")
-    assert {r.get_attribute("data-state") for r in rows} == {"succeeded", "cancelled"}
+    wait_until(lambda: {r.get_attribute("data-state") for r in browser.find_elements(
+        By.CSS_SELECTOR, "#job-rows tr[data-job]")} == {"succeeded", "cancelled"}, 20, "the table to show both jobs ended")
     browser.find_element(By.LINK_TEXT, "Adapters").click()
     browser.find_element(By.CSS_SELECTOR, "a.version[href='/ui/adapters/e2e-bot/1']").click()
     assert browser.find_element(By.ID, "model-card").find_elements(By.TAG_NAME, "h1")

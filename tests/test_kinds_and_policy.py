@@ -144,3 +144,12 @@ def test_every_backend_implements_the_backend_protocol():
         text = open(source, encoding="utf-8").read()
         missing = [n for n in members if not hasattr(backend, n) and f"self.{n} =" not in text]
         assert not missing, (backend.__name__, missing)
+
+
+def test_jobs_can_be_listed_by_every_kind_the_catalog_holds():
+    """GET /v1/jobs?kind= takes its kinds from the registry (merge too), and import (a bundle import's job row)."""
+    from typing import get_args
+
+    from api.routes.jobs import JobKind
+
+    assert set(get_args(JobKind)) == {*kind_names(), "import"} and "merge" in kind_names()

@@ -93,13 +93,14 @@ PUBLISHING = "publishing"
 
 
 def mark_publishing(settings: FarmSettings, claim: Claim) -> None:
-    """Record a progress event with phase `publishing`, the last step's figures kept (StaleAttempt when taken over)."""
+    """Show phase `publishing` in the job's progress (the last step's figures kept) with a `publishing` event, not a
+    `progress` one: the progress events stay one a step. Raises StaleAttempt when the job was taken over."""
     from farm.catalog.models import Job
 
     with session_scope(settings.database_url) as session:
         last = dict(session.get(Job, claim.job_id).progress or {})
         last.pop("eta_s", None)
-        repo.record_progress(session, claim, {**last, "phase": PUBLISHING})
+        repo.record_progress(session, claim, {**last, "phase": PUBLISHING}, event_type=PUBLISHING)
 
 
 def publish(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> str:

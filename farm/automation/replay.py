@@ -14,7 +14,7 @@ from farm.catalog import repository as repo
 from farm.catalog.models import Adapter, AdapterFile, Job, JobLineage
 from farm.catalog.session import session_scope
 from farm.errors import FarmError, ModelError, SpecError
-from farm.names import parse_adapter_ref
+from farm.names import dataset_key, parse_adapter_ref, store_ref
 from farm.settings import FarmSettings, get_settings
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -23,6 +23,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 class BaseModelChanged(ModelError):
     """The base model's weights are not the ones the adapter was trained on: a replay would not reproduce it."""
 
+    code = "base_model_changed"
 
 
 def replay_adapter(ref: str, *, submitted_by: str | None = None, settings: FarmSettings | None = None):
@@ -49,7 +50,7 @@ def replay_adapter(ref: str, *, submitted_by: str | None = None, settings: FarmS
             f"{recorded_hash}, now {current}. Restore those weights to replay it.", field="base_model")
     if spec["kind"] == "train":
         if dataset_sha and dataset_sha not in spec["dataset"]["path"]:
-            spec["dataset"] = {**spec["dataset"], "path": f"store:datasets/{dataset_sha}.jsonl"}
+            spec["dataset"] = {**spec["dataset"], "path": store_ref(dataset_key(dataset_sha))}
         if parent is not None:
             spec["continue_from"] = f"{parent.name}:{parent.version}"
 

@@ -235,7 +235,7 @@ def record_progress(session: Session, claim: Claim, progress: dict, *, event_typ
     job = _fenced(session, claim)
     # issue 16: the latest eval loss stays beside the latest step's figures (`farm jobs`, the console)
     last_eval = {"eval_loss": job.progress["eval_loss"]} if job.progress and "eval_loss" in job.progress else {}
-    if event_type == "progress":
+    if event_type in ("progress", "publishing"):  # publishing: the last step's figures, phase `publishing`
         job.progress = {**progress, **last_eval}
     elif event_type == "eval" and isinstance(progress.get("eval_loss"), (int, float)):
         job.progress = {**(job.progress or {}), "eval_loss": progress["eval_loss"]}
