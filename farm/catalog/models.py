@@ -186,8 +186,6 @@ class AdapterFile(Base):
 Index("ix_jobs_created_at_id", Job.created_at, Job.id)
 Index("ix_jobs_state_created_at_id", Job.state, Job.created_at, Job.id)
 
-# ---------------------------------------------------------------- issue 13 (base models, checkpoints, merge)
-
 # ---------------------------------------------------------------- issue 14 (automation)
 
 class JobLineage(Base):
@@ -366,10 +364,3 @@ class FarmIdentity(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-
-
-# ---------------------------------------------------------------- issue 10 (co-training)
-
-# ---------------------------------------------------------------- issue 16 (console)
-
-# ---------------------------------------------------------------- issue 11 (recovery, hardening)
