@@ -180,3 +180,15 @@ def test_the_alembic_command_line_takes_the_url_from_the_farm_settings(tmp_path)
     assert schema_differences(url) == []
     check = subprocess.run(alembic + ["check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr  # autogenerate finds nothing left to migrate
+
+
+def test_the_light_head_check_agrees_with_alembic(blank_url):
+    """`is_at_head` (no Alembic import, used before every local command) reads the same head Alembic computes."""
+    from farm.catalog.migrate import _head_from_scripts, is_at_head
+
+    assert _head_from_scripts() == head_revision()
+    assert not is_at_head(blank_url)  # nothing there yet (and no SQLite file created by asking)
+    upgrade_database(blank_url, "37ad681e8932")
+    assert not is_at_head(blank_url)
+    upgrade_database(blank_url)
+    assert is_at_head(blank_url)

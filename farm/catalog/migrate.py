@@ -1,19 +1,24 @@
-"""Bring a catalog database to the models' schema with Alembic (``farm db upgrade``, ``farm up``)."""
+"""Bring a catalog database to the models' schema with Alembic (``farm db upgrade``, ``farm up``).
+
+Alembic is imported inside the functions that migrate: a command that only asks whether the catalog is at head
+(every local CLI command does, before it touches the catalog) reads the version row and the scripts' revision ids
+without it (`is_at_head`), which keeps `farm submit` light.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.util import CommandError
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, pool
+from sqlalchemy import create_engine, inspect, pool, text
 from sqlalchemy.engine import make_url
 
 from farm.errors import FarmError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 # This file is farm/catalog/migrate.py; the repository root, which holds migrations/, is two folders up. An
 # editable install (pip install -e .) imports this very file from the checkout, so the same path holds there.
@@ -41,6 +46,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(url: str) -> Config:
     """An Alembic config for this database URL, without any ini file (logging is left to the caller)."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolates '%': a URL-encoded password (p%40ss) must reach env.py unchanged.
@@ -50,7 +57,45 @@ def alembic_config(url: str) -> Config:
 
 def head_revision() -> str | None:
     """The newest revision in the migrations folder."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+_REVISION = re.compile(r"^revision(?:\s*:[^=\n]*)?\s*=\s*['\"](\w+)['\"]", re.M)
+_DOWN_REVISION = re.compile(r"^down_revision(?:\s*:[^=\n]*)?\s*=\s*(.*)$", re.M)
+
+
+def _head_from_scripts() -> str | None:
+    """The one revision no script revises, read from the scripts' text (None when that is not one clear id)."""
+    revisions, revised = set(), set()
+    for script in (migrations_dir() / "versions").glob("*.py"):
+        body = script.read_text()
+        found = _REVISION.search(body)
+        if found is None:
+            return None
+        revisions.add(found.group(1))
+        down = _DOWN_REVISION.search(body)
+        revised.update(re.findall(r"['\"](\w+)['\"]", down.group(1)) if down else ())
+    heads = revisions - revised
+    return heads.pop() if len(heads) == 1 else None
+
+
+def is_at_head(url: str) -> bool:
+    """True when the catalog's recorded revision is the scripts' head; False whenever in doubt (no error raised)."""
+    if _missing_sqlite_file(url):
+        return False
+    try:
+        engine = _engine(url)
+        try:
+            with engine.connect() as conn:
+                recorded = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        finally:
+            engine.dispose()
+        head = _head_from_scripts()
+    except Exception:
+        return False
+    return head is not None and recorded == [head]
 
 
 def _engine(url: str):
@@ -67,6 +112,8 @@ def current_revision(url: str) -> str | None:
     """The revision the database is at; None for a database Alembic never touched (or a missing SQLite file)."""
     if _missing_sqlite_file(url):
         return None  # connecting would create an empty file as a side effect
+    from alembic.runtime.migration import MigrationContext
+
     engine = _engine(url)
     try:
         with engine.connect() as conn:
@@ -81,7 +128,9 @@ def _adopt_unversioned_catalog(url: str) -> None:
     When its schema is exactly the models' (= head), record head instead of failing on CREATE TABLE; otherwise say
     what differs rather than guess.
     """
+    from alembic import command
     from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
 
     from farm.catalog.models import Base
 
@@ -110,6 +159,8 @@ def _adopt_unversioned_catalog(url: str) -> None:
 
 def upgrade_database(url: str, revision: str = "head") -> None:
     """Migrate the catalog at `url` to `revision` (default: the newest). Upgrading an up-to-date one does nothing."""
+    from alembic import command
+
     if revision == "head":
         _adopt_unversioned_catalog(url)
     _run(command.upgrade, url, revision)
@@ -117,10 +168,14 @@ def upgrade_database(url: str, revision: str = "head") -> None:
 
 def downgrade_database(url: str, revision: str) -> None:
     """Migrate the catalog at `url` down to `revision` ("base" drops every table of the catalog)."""
+    from alembic import command
+
     _run(command.downgrade, url, revision)
 
 
 def _run(step, url: str, revision: str) -> None:
+    from alembic.util import CommandError
+
     if not revision.strip():
         raise FarmError(f"cannot migrate the catalog to revision {revision!r}: give `head`, `base` or a revision id "
                         f"(the newest is {head_revision()!r})")

@@ -22,6 +22,10 @@ def check_catalog(url: str, home: Path | None = None) -> None:
 
     Never creates anything: a SQLite file that does not exist is reported, not made.
     """
+    from farm.catalog.migrate import is_at_head
+
+    if is_at_head(url):  # the common case, answered without Alembic
+        return
     from farm.catalog.migrate import current_revision, head_revision
 
     parsed = make_url(url)
