@@ -19,7 +19,8 @@ def test_out_of_memory_halves_the_micro_batch_then_fails_at_one(farm_stack, tiny
     big = write_spec(tmp_path / "big.yaml", tiny_model_dir, data, max_steps=2, micro_batch_size=8, grad_accum=1,
                      max_seq_len=2048, packing=True)
     big.write_text(big.read_text().replace("bits: 4", "bits: 16"))
-    farm_stack.start_worker(extra_env={"FARM_RUNNER_MEMORY_LIMIT_MB": str(LIMIT_MB)})
+    # cold runners: the address space measured above is a cold runner's (a zygote's fork maps what it preloaded)
+    farm_stack.start_worker(extra_env={"FARM_RUNNER_MEMORY_LIMIT_MB": str(LIMIT_MB), "FARM_WARM_START": "0"})
 
     job = service.submit_job(big, settings=settings)
     final = service.wait_for_job(job.id, timeout=600, settings=settings)
