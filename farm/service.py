@@ -14,7 +14,7 @@ from farm.catalog import repository as repo
 from farm.catalog.models import Adapter, Job
 from farm.catalog.session import session_scope
 from farm.datasets import validate_dataset
-from farm.errors import DatasetError, FarmError, ModelError, ResourceError, SpecError
+from farm.errors import DatasetError, FarmError, ModelError, ResourceError
 from farm.schemas import (
     AdapterFilePublic,
     AdapterPublic,

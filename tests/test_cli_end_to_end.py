@@ -3,6 +3,8 @@ its own process, with no database or broker credentials on the client), with a r
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import socket
@@ -34,11 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def api_server(farm_stack, tiny_model_dir):
+@contextlib.contextmanager
+def running_api(farm_stack, extra_env: dict):
+    """`farm api` in its own process on a free port with the stack's settings (plus `extra_env`); yields its URL."""
     port = free_port()
-    env = {**farm_stack.env, "FARM_API_TOKENS": json.dumps(TOKENS),
-           "FARM_MODEL_ROOTS": json.dumps([str(tiny_model_dir.parent)])}  # issue 11: remote local models
+    env = {**farm_stack.env, **extra_env}
     log = (farm_stack.root / "api.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "api", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -55,6 +57,13 @@ def api_server(farm_stack, tiny_model_dir):
     yield url
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture
+def api_server(farm_stack, tiny_model_dir):
+    with running_api(farm_stack, {"FARM_API_TOKENS": json.dumps(TOKENS),  # remote callers name local models only
+                                  "FARM_MODEL_ROOTS": json.dumps([str(tiny_model_dir.parent)])}) as url:
+        yield url
 
 
 def client_env(farm_stack, mode, api_url=None) -> dict:

@@ -7,16 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from farm import service
-from tests.test_cli_end_to_end import free_port
+from tests.test_cli_end_to_end import running_api
 from tests.test_end_to_end import write_spec
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -32,24 +29,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def console_url(farm_stack):
-    port = free_port()
-    env = {**farm_stack.env, "FARM_API_TOKENS": json.dumps(TOKENS)}
-    log = (farm_stack.root / "api.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "farm.cli.main", "api", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, (farm_stack.root / "api.log").read_text()
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with running_api(farm_stack, {"FARM_API_TOKENS": json.dumps(TOKENS)}) as url:
+        yield url
 
 
 @pytest.fixture

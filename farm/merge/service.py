@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from farm.errors import FarmError, ModelError, SpecError
+from farm.errors import ModelError, SpecError
 from farm.schemas import JobPublic
 from farm.settings import FarmSettings, get_settings
 

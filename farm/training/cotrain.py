@@ -212,7 +212,6 @@ class CoTrainer:
     # ------------------------------------------------------------------ setup
 
     def _load_base(self, job: dict) -> None:
-        from farm.training import integrity
         from farm.training.model import check_model_config, load_base_model, load_tokenizer, training_device
         from farm.training.run import _hash_inputs, parse_job_spec
 
