@@ -3,14 +3,12 @@ publish step does (spec in the provenance, training data content-addressed in th
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from farm.catalog import repository as repo
 from farm.catalog.migrate import upgrade_database
-from farm.catalog.session import create_all, session_scope
+from farm.catalog.session import create_all
 from farm.settings import FarmSettings
-from farm.store import open_store, upload_tree
+from tests.fixtures.api import publish_test_adapter
 
 
 def farm_settings(root: Path, database_url: str | None = None, *, migrate: bool = False, **extra) -> FarmSettings:
@@ -53,24 +51,8 @@ def publish(settings: FarmSettings, name: str, files: dict[str, bytes], *, spec:
         fmt = (spec.get("dataset") or {}).get("format", "chat")
         dataset_uri = store_dataset(dataset, fmt, settings=settings).uri
         spec["dataset"] = {"path": dataset_uri, "format": fmt}
-    with session_scope(settings.database_url) as session:
-        job = repo.create_job(session, kind="train", name=name, queue="farm.cpu", spec=spec, spec_hash="1" * 64,
-                              max_attempts=3, submitted_by="setup")
-        job_id = job.id
-    with session_scope(settings.database_url) as session:
-        claim = repo.claim_job(session, job_id, "setup-worker", 60)
-        adapter = repo.reserve_adapter_version(session, claim, name=name, kind="train", spec_hash="1" * 64)
-        prefix, version = adapter.prefix, adapter.version
-    with tempfile.TemporaryDirectory() as tmp:
-        for rel, data in files.items():
-            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / rel).write_bytes(data)
-        records = upload_tree(open_store(settings.store_url, settings), Path(tmp), prefix)
-    with session_scope(settings.database_url) as session:
-        repo.publish_adapter(session, claim, files=records, provenance={"spec": spec, "adapter": {"name": name}},
-                             metrics={"train_loss": 1.25}, base_model=base_model, dataset_uri=dataset_uri,
-                             parent_adapter_id=parent_id)
-    return version
+    return publish_test_adapter(settings, name, files, spec=spec, base_model=base_model, dataset_uri=dataset_uri,
+                                parent_id=parent_id, train_loss=1.25)
 
 
 def small_files(seed: str) -> dict[str, bytes]:
