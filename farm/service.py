@@ -191,22 +191,31 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     notes: list[str] = []  # issue 13: what the door could not check
     spec = validate_spec(spec, settings, notes)
     queue = queue_for(spec)
-    from farm.automation.dedupe import content_key, find_duplicate, record_lineage  # issue 14
+    from farm.automation.dedupe import content_key, duplicate_in, find_duplicate, lock_content_key, record_lineage
 
     key = content_key(spec, settings)
     if not force and (duplicate := find_duplicate(key, settings)) is not None:
         return duplicate
-    from farm.queue import warm_doorbell  # issue 12: connected before the commit, the message leaves right after
+    from farm.queue import warm_doorbell  # connected before the commit: the message leaves right after it
 
     warm_doorbell(settings)
     with session_scope(settings.database_url) as session:
+        # The insert comes first: on SQLite it takes the write lock, so the check below sees any identical job
+        # that another submit committed meanwhile (two identical submits at once queue one job).
         job = repo.create_job(session, kind=spec.kind, name=spec.name, queue=queue, spec=spec_to_dict(spec),
                               spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
                               submitted_by=submitted_by or local_user())
-        record_lineage(session, job.id, key)
-        if on_record is not None:
-            on_record(session, job)
-        view = job_view(job).model_copy(update={"notes": notes})  # issue 13: said to whoever submitted
+        lock_content_key(session, key)
+        duplicate = None if force else duplicate_in(session, key, exclude=job.id)
+        if duplicate is not None:
+            session.rollback()  # nothing of this submit stays
+        else:
+            record_lineage(session, job.id, key)
+            if on_record is not None:
+                on_record(session, job)
+            view = job_view(job).model_copy(update={"notes": notes})  # what the door could not check
+    if duplicate is not None:
+        return duplicate
     return ring_or_withdraw(view, queue, settings)
 
 

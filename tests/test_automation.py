@@ -244,6 +244,39 @@ def test_identical_content_is_deduplicated_unless_forced(farm, tmp_path, tiny_mo
     assert not retry.deduplicated
 
 
+def test_identical_submits_at_the_same_moment_queue_one_job(farm, tmp_path, tiny_model_dir, monkeypatch):
+    """Both submits pass the first look for a duplicate before either records its job (a barrier holds each one
+    just before its transaction): the check inside the transaction still lets only one of them queue."""
+    from farm import queue as broker
+
+    data = write_dataset(tmp_path / "d.jsonl", "chat", n=16, seed=11)
+    barrier = threading.Barrier(2, timeout=30)
+    real_warm = broker.warm_doorbell
+
+    def warm_then_wait(settings):
+        real_warm(settings)
+        barrier.wait()
+
+    monkeypatch.setattr(broker, "warm_doorbell", warm_then_wait)
+    results, errors = [], []
+
+    def submit():
+        try:
+            results.append(service.submit_job(spec_for(tiny_model_dir, data, name="twin"), settings=farm))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(r.deduplicated for r in results) == [False, True]
+    assert results[0].id == results[1].id
+    assert count(farm, Job, Job.name == "twin") == 1
+
+
 def test_a_changed_base_model_is_new_content(farm, tmp_path, tiny_model_dir):
     import shutil
 

@@ -68,17 +68,34 @@ def record_lineage(session, job_id: str, key: str, *, origin: str = "submit", re
 def find_duplicate(key: str, settings: FarmSettings):
     """The newest job with this content key that succeeded (its adapter still published), else the newest in
     flight, as a JobPublic with `deduplicated` set; None when there is none."""
+    with session_scope(settings.database_url) as session:
+        return duplicate_in(session, key)
+
+
+def duplicate_in(session, key: str, exclude: str | None = None):
+    """find_duplicate within `session`'s transaction, leaving out job `exclude` (the one being recorded)."""
     from farm.service import job_view
 
-    with session_scope(settings.database_url) as session:
-        jobs = session.scalars(
-            select(Job).join(JobLineage, JobLineage.job_id == Job.id)
-            .where(JobLineage.content_key == key, Job.state.in_(DEDUPE_STATES))
-            .order_by(Job.created_at.desc()).limit(20)).all()
-        # an adapter that exists beats one that may yet come
-        for job in sorted(jobs, key=lambda j: j.state != SUCCEEDED):
-            adapter = session.scalar(select(Adapter).where(Adapter.job_id == job.id, Adapter.status == READY))
-            if job.state == SUCCEEDED and adapter is None:
-                continue  # its adapter is gone: train again
-            return job_view(job, adapter).model_copy(update={"deduplicated": True})
+    query = (select(Job).join(JobLineage, JobLineage.job_id == Job.id)
+             .where(JobLineage.content_key == key, Job.state.in_(DEDUPE_STATES)))
+    if exclude is not None:
+        query = query.where(Job.id != exclude)
+    jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(20)).all()
+    # an adapter that exists beats one that may yet come
+    for job in sorted(jobs, key=lambda j: j.state != SUCCEEDED):
+        adapter = session.scalar(select(Adapter).where(Adapter.job_id == job.id, Adapter.status == READY))
+        if job.state == SUCCEEDED and adapter is None:
+            continue  # its adapter is gone: train again
+        return job_view(job, adapter).model_copy(update={"deduplicated": True})
     return None
+
+
+def lock_content_key(session, key: str) -> None:
+    """Serialise the transactions that record jobs of one content key, so that two identical submits at the same
+    moment cannot both miss each other: on PostgreSQL a transaction-scoped advisory lock on the key; on SQLite
+    the caller's first write already holds the database's single write lock until commit (WAL), so nothing more
+    is needed. After it, a check in the same transaction sees every identical job committed before."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(key[:15], 16)})
