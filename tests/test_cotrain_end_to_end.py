@@ -93,6 +93,12 @@ def test_three_jobs_train_together_one_leaves_early_one_is_cancelled(farm_stack,
     for job in (long_, short, joiner):
         states = [e.state for e in service.job_events(job.id, settings=settings) if e.type == "state"]
         assert states == ["queued", "running", "succeeded"]
+        # and its own runner log in the store (`farm logs`), with the lines the group's runner wrote for it
+        from farm.job_logs import read_job_log
+
+        _, attempt, log = read_job_log(job.id, settings=settings)
+        assert attempt == 1
+        assert "data: 48 rows" in log and "training " in log, log
 
 
 def group_runners(root) -> list[psutil.Process]:

@@ -19,7 +19,6 @@ import logging
 import queue
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -128,19 +127,17 @@ class GroupRun:
                 self._send({"op": "join", "job": self.active[claim.job_id]["doc"]})
 
     def _start(self) -> subprocess.Popen:
-        from workers.launch import _pin_cold_child, runner_command
+        from workers.launch import WarmRunner, start_group_runner
 
         self.dir.mkdir(parents=True, exist_ok=True)
         group_file = self.dir / "group.json"
         group_file.write_text(json.dumps({"jobs": [a["doc"] for a in self.active.values()]}, indent=1))
         first = next(iter(self.active.values()))
-        _, env = runner_command(group_file, first["spec"])
-        cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
-        argv = [sys.executable, "-m", "workers.cotrain_runner", str(group_file)]
-        log.info("co-training group %s: %s", ", ".join(self.active), " ".join(argv))
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=_pin_cold_child(cpus), env=env, cwd=self.dir,
-                                text=True, bufsize=1)
+        # issue 12: forked warm from the worker's zygote when it can be, with the slot's CPU share
+        proc = start_group_runner(group_file, first["spec"], self.dir)
+        log.info("co-training group %s: runner pid %d (%s): %s", ", ".join(self.active), proc.pid,
+                 "warm" if isinstance(proc, WarmRunner) else "cold", " ".join(map(str, proc.args)))
+        return proc
 
     def _supervise(self) -> None:
         self.proc = proc = self._start()
@@ -187,10 +184,13 @@ class GroupRun:
             event = parse_line(line)
             job_id = event.pop("job_id", None) if event else None
             run = self.runs.get(str(job_id)) if job_id is not None else None
-            if run is None:
-                for r in self.runs.values():
-                    r.relay.log_tail.append(line.rstrip())
+            if run is None:  # the group's own lines (a traceback, a library's warning): every job's log keeps them
+                for job in list(self.active):
+                    self.runs[job].relay.log_tail.append(line.rstrip())
+                    self._keep_log(self.runs[job], line)
                 continue
+            if event["type"] == "log":
+                self._keep_log(run, f"{event.get('message', '')}\n")
             if event["type"] in TERMINAL_EVENTS:
                 self.ended.put((str(job_id), dict(event)))
             if event["type"] == "left":
@@ -199,6 +199,15 @@ class GroupRun:
                 run.relay.handle(event)
             except Exception:
                 log.exception("job %s: could not handle runner event %s", job_id, event.get("type"))
+
+    @staticmethod
+    def _keep_log(run: JobRun, text: str) -> None:
+        """Append to the job's own runner log, which `farm logs` reads from the store (workers/job_logs.py)."""
+        try:
+            with run.logs.path.open("a", encoding="utf-8") as fh:
+                fh.write(text if text.endswith("\n") else text + "\n")
+        except OSError:  # the job's folder is gone (it was published): nothing left to keep
+            pass
 
     def _tell_leave(self, job_id: str, reason: str) -> None:
         self.active[job_id]["leaving"] = reason
@@ -240,6 +249,8 @@ class GroupRun:
                 self._tell_leave(job_id, "lost")
 
     def _heartbeat(self) -> None:
+        for job_id in list(self.active):  # `farm logs -f` follows each job of the group as it runs
+            self.runs[job_id].logs.sync()
         claims = [self.runs[j].claim for j in self.active]
         try:
             with session_scope(self.settings.database_url) as session:
@@ -269,6 +280,7 @@ class GroupRun:
 
     def _outcome(self, job_id: str, a: dict, event: dict) -> str:
         run = self.runs[job_id]
+        run.logs.sync()  # the attempt's last lines, before its outcome is recorded
         if run.lost:
             return "lost"
         kind = event["type"]
@@ -290,6 +302,7 @@ class GroupRun:
         """Jobs still in the group when its runner ended: each fails its attempt (and recovers) on its own."""
         for job_id, a in list(self.active.items()):
             run = self.runs[job_id]
+            run.logs.sync()
             tail = run.relay.tail()
             if run.lost:
                 self.states[job_id] = "lost"
