@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, SecretStr
@@ -123,12 +124,13 @@ def parse_remote_ref(ref: str) -> tuple[str, str, int | None]:
     return remote, name, version
 
 
-def import_from_remote(ref: str, *, as_name: str | None = None,
-                       settings: FarmSettings | None = None) -> ImportResult:
+def import_from_remote(ref: str, *, as_name: str | None = None, settings: FarmSettings | None = None,
+                       importer: Callable[[Path, str], ImportResult] | None = None) -> ImportResult:
     """Fetch REMOTE/NAME[:V] from another farm's API as a bundle and import it (verified like a bundle file).
 
     A refused token (401), an unknown adapter (404), a cut-off download or a bundle that does not verify raise a
-    FarmError naming the remote; nothing is written then.
+    FarmError naming the remote; nothing is written then. `importer(bundle, source)` imports the downloaded
+    bundle (default: into this catalog; the CLI with FARM_API_URL uploads it to that farm instead).
     """
     import httpx
 
@@ -171,5 +173,7 @@ def import_from_remote(ref: str, *, as_name: str | None = None,
                 if exc.code == "unauthorized":
                     raise AuthError(f"{where} refused the token (401). Nothing was imported.") from None
                 raise
-            return import_bundle(bundle, as_name=as_name, settings=settings,
-                                 source=f"{remote.name}/{view.name}:{view.version} ({remote.url})")
+            source = f"{remote.name}/{view.name}:{view.version} ({remote.url})"
+            if importer is not None:
+                return importer(bundle, source)
+            return import_bundle(bundle, as_name=as_name, settings=settings, source=source)

@@ -384,6 +384,24 @@ def test_the_cli_exports_imports_and_refuses_a_tampered_bundle_with_exit_2(farms
     assert json.loads(listed.stdout)[0]["name"] == "lab" and "tok-x" not in listed.stdout
 
 
+def test_import_from_a_remote_with_farm_api_url_lands_in_that_farm(two_apis, tmp_path, monkeypatch):
+    """The client knows remote farm-a; with FARM_API_URL pointing at farm B, `farm import farm-a/NAME` brings the
+    bundle to the client, which uploads it to B: B records it, the client's own catalog stays empty."""
+    a, b = two_apis
+    client = farm_settings(tmp_path / "client")
+    monkeypatch.setenv("FARM_REMOTE_FARM_A_TOKEN", TOKENS["bob"])
+    add_remote("farm-a", a.url, settings=client)
+    out = cli(client, "import", "farm-a/sql-helper:1", "--as", "sql-via-api", "--json",
+              env={"FARM_API_URL": b.url, "FARM_API_TOKEN": TOKENS["alice"]})
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["adapter"] == "sql-via-api:1"
+    src = get_adapter("sql-helper:1", settings=a.settings)
+    assert {f.path: f.sha256 for f in get_adapter("sql-via-api:1", settings=b.settings).files} == \
+        {f.path: f.sha256 for f in src.files}
+    with session_scope(client.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Adapter)) == 0
+
+
 def test_export_and_import_go_through_the_api_when_farm_api_url_is_set(two_apis, tmp_path):
     """`farm export` from farm A's API and `farm import FILE.tar` into farm B's API, by a client whose own (empty)
     farm knows nothing: the bytes match A's, a tampered bundle is refused by B with nothing written."""

@@ -145,6 +145,13 @@ def import_(
                 result = upload(client, path, as_name=as_name)
         else:
             result = import_bundle(path, as_name=as_name)
+    elif settings.api_url:  # the bundle comes here from the remote, then goes to the farm behind the API
+        from farm.client_transfers import import_bundle as upload
+        from farm.remotes import import_from_remote
+
+        with _api_client(settings) as client:
+            result = import_from_remote(source, as_name=as_name, settings=settings,
+                                        importer=lambda bundle, _source: upload(client, bundle, as_name=as_name))
     else:
         from farm.remotes import import_from_remote
 
