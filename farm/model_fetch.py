@@ -179,6 +179,42 @@ def _locked(path: Path, shared: bool = False):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_pins: dict[Path, object] = {}  # an entry's lock file -> the open file holding its shared "in use" lock
+
+
+def _pin(root: Path, key: str) -> None:
+    """Mark entry `key` in use by this process (a shared flock on .<key>.use) until release_pins(): eviction by
+    any process of the host skips it, so a job's base model cannot vanish between its fetch and its load."""
+    path = root / f".{key}.use"
+    if path in _pins:
+        return
+    fh = open(path, "a")
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    _pins[path] = fh
+
+
+def release_pins() -> None:
+    """Let eviction take this process's cache entries again (the worker calls it when an attempt ends)."""
+    while _pins:
+        _, fh = _pins.popitem()
+        fh.close()  # closing drops the flock
+
+
+def _in_use(root: Path, key: str) -> bool:
+    """Whether some process (this one included) holds entry `key` pinned."""
+    try:
+        fh = open(root / f".{key}.use", "a")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
 def _entry_size(entry: Path) -> int:
     return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
 
@@ -186,7 +222,8 @@ def _entry_size(entry: Path) -> int:
 def evict(settings: FarmSettings, keep: str | None = None) -> list[str]:
     """Delete least recently used cache entries until the cache fits FARM_MODEL_CACHE_MAX_GB; returns their keys.
 
-    An entry's last use is the mtime of its <key>.json record, touched at every fetch. `keep` is never deleted.
+    An entry's last use is the mtime of its <key>.json record, touched at every fetch. `keep` is never deleted,
+    nor an entry that a running job has pinned (_pin): the cache may then stay above its bound until it is free.
     """
     root = _cache_root(settings)
     limit = int(settings.model_cache_max_gb * _GIB)
@@ -204,7 +241,7 @@ def evict(settings: FarmSettings, keep: str | None = None) -> list[str]:
         for _, key, size in sorted(entries):
             if total <= limit:
                 break
-            if key == keep:
+            if key == keep or _in_use(root, key):
                 continue
             (root / f"{key}.json").unlink(missing_ok=True)
             shutil.rmtree(root / key, ignore_errors=True)
@@ -218,6 +255,7 @@ def _cached(settings: FarmSettings, key: str, ref: str, download) -> tuple[Path,
     root = _cache_root(settings)
     entry, record = root / key, root / f"{key}.json"
     with _locked(root / f".{key}.lock"):
+        _pin(root, key)
         if entry.is_dir() and record.is_file():
             os.utime(record)
             return entry, False

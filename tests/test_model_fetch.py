@@ -8,7 +8,7 @@ import json
 import pytest
 
 from farm.errors import ModelError
-from farm.model_fetch import fetch_base_model, fetch_hub_model, fetch_s3_model
+from farm.model_fetch import fetch_base_model, fetch_hub_model, fetch_s3_model, release_pins
 from farm.settings import FarmSettings
 from tests.fixtures.hub import add_to_hub_cache
 
@@ -58,6 +58,14 @@ def test_submit_check_reads_the_cache_without_torch(hub_cache):
     assert missing.where == "none" and "org/other@v2 is not in this machine's Hub cache" in missing.unchecked[0]
 
 
+
+@pytest.fixture(autouse=True)
+def _pins_released():
+    """Each test starts as a fresh attempt does: this process pins no cache entry (a worker releases them when an
+    attempt ends)."""
+    yield
+    release_pins()
+
 # ---------------------------------------------------------------- S3
 
 
@@ -100,9 +108,41 @@ def test_s3_cache_is_bounded_least_recently_used_out(s3_model, tiny_model_dir):
     size = sum(f.stat().st_size for f in tiny_model_dir.iterdir() if f.is_file())
     small = settings.model_copy(update={"model_cache_max_gb": 1.5 * size / 1024 ** 3})  # room for one model
     a = fetch_s3_model(f"s3://{bucket}/models/tiny", small)
+    release_pins()  # the job that used it ended
     b = fetch_s3_model(f"s3://{bucket}/models/other", small)
     assert b.path.is_dir() and not a.path.exists(), "the least recently used entry leaves"
     assert fetch_s3_model(f"s3://{bucket}/models/tiny", small).downloaded
+
+
+def test_an_entry_in_use_by_a_job_is_not_evicted_until_released(s3_model, s3_store_url, tiny_model_dir):
+    """A worker fetched model A for its running job (pinned until the attempt ends); another process of the host
+    fetches B into a cache with room for one: A stays. After the worker releases it, the next fetch evicts it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    client, bucket, settings = s3_model
+    _upload(client, bucket, "models/other", tiny_model_dir, skip=("tokenizer.json",))
+    _upload(client, bucket, "models/third", tiny_model_dir, skip=("tokenizer.json", "tokenizer_config.json"))
+    size = sum(f.stat().st_size for f in tiny_model_dir.iterdir() if f.is_file())
+    small = settings.model_copy(update={"model_cache_max_gb": 1.5 * size / 1024 ** 3})  # room for one model
+    a = fetch_s3_model(f"s3://{bucket}/models/tiny", small)
+    env = {**os.environ, **s3_store_url.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "FARM_CACHE_DIR": str(small.cache_dir), "FARM_MODEL_CACHE_MAX_GB": repr(small.model_cache_max_gb)}
+    another_process = ("from farm.model_fetch import fetch_s3_model\nfrom farm.settings import get_settings\n"
+                       f"print(fetch_s3_model('s3://{bucket}/models/other', get_settings()).path)")
+    try:
+        out = subprocess.run([sys.executable, "-c", another_process], capture_output=True, text=True, timeout=120,
+                             env=env)
+        assert out.returncode == 0, out.stderr
+        assert Path(out.stdout.strip()).is_dir()
+        assert a.path.is_dir(), "a pinned entry must not be evicted by another process"
+    finally:
+        release_pins()
+    c = fetch_s3_model(f"s3://{bucket}/models/third", small)
+    assert c.path.is_dir() and not a.path.exists(), "once released, the least recently used entry leaves"
+    release_pins()
 
 
 def test_s3_prefix_without_config_json_is_refused_and_leaves_nothing(s3_model, tiny_model_dir):

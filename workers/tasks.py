@@ -74,6 +74,9 @@ def run_job(self, job_id: str) -> dict:
         signal.signal(signal.SIGTERM, previous)
         dispatcher.close()
         connection.release()
+        from farm.model_fetch import release_pins
+
+        release_pins()  # the attempt's cached base models may be evicted again
     log.info("job %s attempt %d ended %s", job_id, claim.attempt, state)
     return {"job_id": job_id, "attempt": claim.attempt, "state": state}
 
