@@ -37,7 +37,7 @@ sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
 pool = subprocess.Popen(sleeper) if mode != "bare" else None
 runner = subprocess.Popen(sleeper, start_new_session=True) if mode != "bare" else None
 keys = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "FARM_WORKER_DEVICES", "FARM_CPU_SLOTS", "FARM_WORKER_NODE",
-        "FARM_BROKER_URL", "FARM_HOME"]
+        "FARM_BROKER_URL", "FARM_HOME", "FARM_HOST_CPU_SLOTS"]
 record = {"pid": os.getpid(), "pgid": os.getpgrp(), "sid": os.getsid(0), "argv": sys.argv[1:],
           "pool": pool and pool.pid, "runner": runner and runner.pid, "env": {k: os.environ.get(k) for k in keys}}
 out = os.path.join(os.environ["STANDIN_RECORDS"], f"{os.environ['FARM_WORKER_NODE']}.{os.getpid()}.json")
@@ -289,6 +289,8 @@ def test_a_killed_worker_is_restarted_and_what_it_left_is_killed(farm, mode):
     other = farm.workers("cpu1@testhost")[0]
     assert first["env"]["CUDA_VISIBLE_DEVICES"] == "" and first["env"]["FARM_CPU_SLOTS"] == "1"
     assert first["argv"] == ["farm.cpu"]
+    # each CPU worker knows how many slots share the host, so its runners take their share of the cores
+    assert first["env"]["FARM_HOST_CPU_SLOTS"] == other["env"]["FARM_HOST_CPU_SLOTS"] == "2"
 
     os.kill(first["pid"], signal.SIGKILL)
     second = wait_for(lambda: (farm.workers("cpu0@testhost") + [None])[1], "cpu0 restarted")

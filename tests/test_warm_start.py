@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -104,3 +105,97 @@ def test_cpu_slots_split_the_cores(monkeypatch):
     monkeypatch.setattr(launch.os, "environ", {**env, "FARM_WORKER_DEVICES": "1"})
     _, run_env = launch.runner_command(__import__("pathlib").Path("job.json"), {"resources": {}})
     assert run_env["FARM_RUNNER_CPUS"] == "2,3" and run_env["OMP_NUM_THREADS"] == "2"
+
+
+@pytest.fixture
+def ready_zygote(zygote):
+    """This process's zygote with its imports done (an earlier test may have killed the module's one)."""
+    z = Zygote.for_this_process()
+    z.wait_ready()
+    return z
+
+
+def _cpu_share_line(lines: list[str]) -> tuple[int, list[int]]:
+    """(torch threads, cores) from the runner's `cpu share:` log line."""
+    from workers.zygote import CPU_SHARE_LINE
+
+    line = next(x for x in lines if x.startswith(CPU_SHARE_LINE))
+    threads, cores = re.fullmatch(r"cpu share: (\d+) torch thread\(s\) on cores ([\d,]*)\n?", line).groups()
+    return int(threads), [int(c) for c in cores.split(",") if c]
+
+
+def test_each_cpu_slots_runner_gets_its_own_cores_and_as_many_threads(ready_zygote, tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    if len(launch._allowed_cpus()) < 2:
+        pytest.skip("one core: CPU slots share it")
+    job_file, spec = _job(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl")
+    monkeypatch.setenv("FARM_WORKER_KIND", "cpu")
+    monkeypatch.setenv("FARM_HOST_CPU_SLOTS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # whatever the worker inherited, the slot's share wins
+    got = {}
+    for slot in (0, 1):
+        monkeypatch.setenv("FARM_WORKER_DEVICES", str(slot))
+        proc = start_runner(job_file, spec, tmp_path)
+        assert isinstance(proc, WarmRunner)
+        lines = list(proc.stdout)
+        assert proc.wait(timeout=60) == 1
+        got[slot] = _cpu_share_line(lines)
+        threads, cores = got[slot]
+        assert cores == cpu_share(dict(os.environ)) and threads == len(cores) >= 1
+    assert not set(got[0][1]) & set(got[1][1])  # two slots never share a core
+    assert sorted(got[0][1] + got[1][1]) == launch._allowed_cpus()
+
+
+def test_a_cotraining_group_runner_is_forked_warm_with_its_control_channel(ready_zygote, tmp_path, tiny_model_dir,
+                                                                          monkeypatch):
+    from workers.child import kill_group
+    from workers.launch import start_group_runner
+
+    fifo = tmp_path / "never.jsonl"
+    os.mkfifo(fifo)  # reading the dataset blocks: the group stays busy until it is killed
+    job_file, spec = _job(tmp_path, tiny_model_dir, fifo)
+    group_file = tmp_path / "group.json"
+    group_file.write_text(json.dumps({"jobs": [json.loads(job_file.read_text())]}))
+    monkeypatch.setenv("FARM_WORKER_KIND", "cpu")
+    monkeypatch.setenv("FARM_HOST_CPU_SLOTS", "1")
+    monkeypatch.setenv("FARM_WORKER_DEVICES", "0")
+    proc = start_group_runner(group_file, spec, tmp_path)
+    try:
+        assert isinstance(proc, WarmRunner) and proc.stdin is not None
+        assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)  # a session and process group of its own
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "-m workers.cotrain_runner" in cmdline and str(group_file) in cmdline
+        threads, cores = _cpu_share_line([proc.stdout.readline()])
+        assert cores == launch._allowed_cpus() and threads == len(cores)
+        # its stdin is the pipe we write control messages to
+        assert os.readlink(f"/proc/{proc.pid}/fd/0") == f"pipe:[{os.fstat(proc.stdin.fileno()).st_ino}]"
+    finally:
+        kill_group(proc, grace=2)
+    assert proc.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGKILL)
+    assert _gone(proc.pid)
+
+
+def test_a_slot_takes_its_next_job_in_the_same_pool_process(farm_stack, tiny_model_dir, tmp_path):
+    """The pool process is kept between jobs (no worker_max_tasks_per_child): queued jobs are claimed one after
+    another by the same process, each once, instead of waiting for a fresh pool process at the pool's next check."""
+    from farm import service
+    from farm.catalog import repository as repo
+    from farm.catalog.session import session_scope
+    from farm.queue import celery_app
+    from farm.tiny import write_dataset
+
+    assert celery_app.conf.worker_max_tasks_per_child is None and celery_app.conf.worker_prefetch_multiplier == 1
+    data = write_dataset(tmp_path / "chat.jsonl", "chat", n=16, seed=0)
+    farm_stack.start_worker()
+    ids = [service.submit_job({"kind": "train", "name": f"next{i}", "base_model": str(tiny_model_dir),
+                               "dataset": {"path": str(data), "format": "chat"},
+                               "training": {"max_steps": 1, "seed": i, "cotrain": False}},
+                              settings=farm_stack.settings).id for i in range(3)]
+    jobs = [service.wait_for_job(i, poll_seconds=0.1, timeout=300, settings=farm_stack.settings) for i in ids]
+    assert [j.state for j in jobs] == ["succeeded"] * 3, farm_stack.worker_logs()
+    with session_scope(farm_stack.settings.database_url) as session:
+        workers = {repo.get_job(session, i).worker for i in ids}
+        claims = [sum(1 for e in repo.job_events(session, i, 0, 1000) if e.type == "state" and e.state == "running")
+                  for i in ids]
+    assert len(workers) == 1, workers  # one pool process (its pid is in the worker name) took all three
+    assert claims == [1, 1, 1]

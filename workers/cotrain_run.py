@@ -133,7 +133,7 @@ class GroupRun:
         group_file = self.dir / "group.json"
         group_file.write_text(json.dumps({"jobs": [a["doc"] for a in self.active.values()]}, indent=1))
         first = next(iter(self.active.values()))
-        # issue 12: forked warm from the worker's zygote when it can be, with the slot's CPU share
+        # forked warm from the worker's zygote when it can be, with the slot's CPU share
         proc = start_group_runner(group_file, first["spec"], self.dir)
         log.info("co-training group %s: runner pid %d (%s): %s", ", ".join(self.active), proc.pid,
                  "warm" if isinstance(proc, WarmRunner) else "cold", " ".join(map(str, proc.args)))

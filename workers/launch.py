@@ -4,10 +4,13 @@
 (workers/zygote.py: torch, transformers and peft already imported) in a session of its own, so cancel still kills
 its whole group; a multi-device job, a zygote that cannot be had, or FARM_WARM_START=0 gets the cold path:
 `python -m workers.runner JOB_FILE` (or the DeepSpeed launcher). Either way the handle looks like a Popen.
+`start_group_runner` does the same for a co-training group's runner (workers/cotrain_runner.py), whose stdin is a
+pipe for its control messages: a group forked warm skips seconds of imports, as a job does.
 
 CPU slots that share a host share its cores: the worker of CPU slot k of N (FARM_WORKER_KIND=cpu,
-FARM_WORKER_DEVICES, FARM_HOST_CPU_SLOTS) gives its runner the k-th N-th of the cores this process may use, as CPU
-affinity (FARM_RUNNER_CPUS) and as the thread count (OMP_NUM_THREADS), so two runners never fight over one core.
+FARM_WORKER_DEVICES, FARM_HOST_CPU_SLOTS, which the supervisor sets) gives its runner the k-th N-th of the cores
+this process may use, as CPU affinity (FARM_RUNNER_CPUS) and as the thread count (OMP_NUM_THREADS, and torch's pool
+in a forked runner), so two runners never fight over one core.
 
 This module never imports torch: the Celery pool process imports it.
 """
@@ -118,12 +121,36 @@ def start_runner(job_file: Path, spec: dict, cwd: Path):
                             bufsize=1)
 
 
+def start_group_runner(group_file: Path, spec: dict, cwd: Path):
+    """Start a co-training group's runner (workers/cotrain_runner.py) in its own session, stdin a pipe for its
+    control messages: forked warm from the zygote like a job's runner when it can be, else a fresh process. Same
+    CPU share as a job's runner; a Popen or a WarmRunner."""
+    _, env = runner_command(group_file, spec)
+    cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
+    argv = [sys.executable, "-m", "workers.cotrain_runner", str(group_file)]
+    if warm_start_enabled(spec):
+        zygote = Zygote.for_this_process()
+        if zygote is not None and zygote.is_ready():
+            try:
+                runner = zygote.spawn([str(group_file)], env, cwd, cpus, title=" ".join(argv),
+                                      module="workers.cotrain_runner", stdin=True)
+                runner.args = argv
+                return runner
+            except (OSError, ValueError, RuntimeError):
+                Zygote.discard()
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_pin_cold_child(cpus), env=env, cwd=cwd, text=True,
+                            bufsize=1)
+
+
 class WarmRunner:
-    """A runner forked by the zygote, with the parts of Popen the supervisor uses (pid, stdout, poll, wait)."""
+    """A runner forked by the zygote, with the parts of Popen the supervisor uses (pid, stdout, stdin, poll,
+    wait)."""
 
     def __init__(self, pid: int, stdout, status_fd: int, args: list[str]):
         self.pid = pid
         self.stdout = stdout
+        self.stdin = None  # a group runner's control channel (Zygote.spawn(stdin=True))
         self.args = args
         self.returncode: int | None = None
         self._status_fd = status_fd
@@ -236,31 +263,40 @@ class Zygote:
         return self.ready
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, cpus: list[int] | None,
-              title: str | None = None) -> WarmRunner:
+              title: str | None = None, module: str = "workers.runner", stdin: bool = False) -> WarmRunner:
         """Fork a runner for `argv` (the runner's arguments) with this environment, folder, CPU share and process
-        title (what ps shows: the cold runner's command line)."""
+        title (what ps shows: the cold runner's command line). `module`: workers.runner (a job) or
+        workers.cotrain_runner (a co-training group); `stdin`: give it a pipe as stdin (the runner's `stdin`, a
+        text stream) instead of /dev/null."""
         with self.lock:
             self.wait_ready()
             out_r, out_w = os.pipe()
             status_r, status_w = os.pipe()
+            in_r, in_w = os.pipe() if stdin else (None, None)
+            ours = [fd for fd in (out_r, status_r, in_w) if fd is not None]
+            theirs = [fd for fd in (out_w, status_w, in_r) if fd is not None]
             try:
                 request = {"argv": argv, "env": env, "cwd": str(cwd), "cpus": cpus, "title": title,
+                           "module": module,
                            "threads": int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit()
                            else None}
-                socket.send_fds(self.sock, [json.dumps(request).encode()], [out_w, status_w])
+                socket.send_fds(self.sock, [json.dumps(request).encode()], theirs)
             except OSError:
-                for fd in (out_r, out_w, status_r, status_w):
+                for fd in ours + theirs:
                     os.close(fd)
                 raise
-            os.close(out_w)
-            os.close(status_w)
+            for fd in theirs:
+                os.close(fd)
             reply = self._reply(30.0)
             if "pid" not in reply:
-                os.close(out_r)
-                os.close(status_r)
+                for fd in ours:
+                    os.close(fd)
                 raise RuntimeError(reply.get("error", "the zygote refused"))
             stdout = open(out_r, "r", buffering=1, encoding="utf-8", errors="replace")
-            return WarmRunner(reply["pid"], stdout, status_r, ["workers.zygote", *argv])
+            runner = WarmRunner(reply["pid"], stdout, status_r, ["workers.zygote", *argv])
+            if in_w is not None:
+                runner.stdin = open(in_w, "w", buffering=1, encoding="utf-8")
+            return runner
 
     def close(self) -> None:
         try:

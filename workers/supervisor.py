@@ -110,6 +110,10 @@ class Supervisor:
         self.policy = policy or RestartPolicy()
         self.poll_seconds = poll_seconds
         self.workers = [_Worker(s, f"{s.name}@{self.hostname}") for s in slots]
+        self.host_cpu_slots = int(os.environ.get("FARM_HOST_CPU_SLOTS") or 0) or \
+            sum(s.size for s in slots if s.kind == "cpu")
+        """CPU slots sharing this host's cores: `farm worker --cpus N`'s N (FARM_HOST_CPU_SLOTS), else this
+        supervisor's; each CPU worker is told (FARM_HOST_CPU_SLOTS), so its runners take 1/N of the cores each."""
         self.reaper = _Worker(None, f"reaper@{self.hostname}") if reaper else None
         self._by_pid: dict[int, _Worker] = {}
         self._orphans: dict[int, float] = {}  # process group of an adopted orphan -> when to SIGKILL it
@@ -214,6 +218,8 @@ class Supervisor:
             pre_exec = term_with_parent  # the reaper stops between rounds on SIGTERM
         else:
             argv, env = self.command_factory(w.slot, self.hostname, self.settings)
+            if w.slot.kind == "cpu":  # CPU slots split the host's cores (workers/launch.py cpu_share)
+                env = {**env, "FARM_HOST_CPU_SLOTS": str(self.host_cpu_slots)}
             pre_exec = _quit_with_parent
         w.started_at = time.monotonic()
         try:

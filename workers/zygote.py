@@ -10,9 +10,12 @@ the runner's output pipe and of a status pipe. The zygote forks; the child
 - starts its own session (`setsid`: a process group of its own, killed as a group on cancel, like a cold runner),
 - gets SIGKILL when the zygote dies (and the zygote gets it when the pool process dies), so no runner outlives
   its supervisor,
-- takes the job's environment, folder, CPU affinity and thread count, writes to the pipe as stdout and stderr,
-- runs `workers.runner` on the job file and leaves with `os._exit` as soon as its output is flushed: no
-  interpreter teardown after `done`.
+- takes the job's environment, folder, CPU affinity and thread count (its slot's share of the host, from
+  workers/launch.py cpu_share), writes to the pipe as stdout and stderr, the first line saying what it got
+  (`cpu share: 1 torch thread(s) on cores 1`),
+- runs `workers.runner` on the job file (or `workers.cotrain_runner` on a co-training group's file, with a third
+  descriptor, a pipe, as its stdin: the group's control channel) and leaves with `os._exit` as soon as its
+  output is flushed: no interpreter teardown after `done`.
 
 The zygote reaps its children and writes each one's exit status (Popen's convention: -N for signal N) to its
 status pipe. CUDA is never touched in the zygote: torch is imported with the NVML-based availability check, and
@@ -29,6 +32,7 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 
 # What every runner imports before it can read its job; a module that fails to import is skipped (the runner
 # imports it itself, or does without). Never anything that initialises CUDA.
@@ -46,12 +50,22 @@ PRELOAD = (
     "farm.training.backend",
     "farm.training.checkpoint",
     "farm.training.environment",
+    "farm.training.figures",
+    "torch.utils.tensorboard",  # the artifact's TensorBoard log and loss plot (farm/training/figures.py) are
+    "matplotlib.pyplot",  # written by every job: importing them cost each runner most of its `save` phase
     "farm.extraction.run",
+    "farm.training.cotrain",
+    "farm.training.cotrain_mix",
     "workers.runner",
+    "workers.cotrain_runner",
     "setproctitle",
 )
 MAX_REQUEST = 1 << 20
+RUNNERS = ("workers.runner", "workers.cotrain_runner")
+"""The entry points a zygote child may run (`module` of a request): a job's runner or a co-training group's."""
 STATUS = struct.Struct("!i")
+CPU_SHARE_LINE = "cpu share:"
+"""Opens the runner's first log line: `cpu share: T torch thread(s) on cores 0,1` (what it got, measured)."""
 
 
 # ---------------------------------------------------------------------------------------------- in the zygote
@@ -61,6 +75,7 @@ def preload(modules=PRELOAD) -> dict[str, float]:
     import importlib
 
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without creating a context
+    os.environ.setdefault("MPLBACKEND", "Agg")  # no display on a worker (figures.plot_loss says the same)
     seconds = {}
     for name in modules:
         t = time.perf_counter()
@@ -76,6 +91,17 @@ def preload(modules=PRELOAD) -> dict[str, float]:
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
+    t = time.perf_counter()
+    try:  # the first figure loads fonts and the renderer: draw one here, not in every job
+        import tempfile
+
+        from farm.training.figures import plot_loss
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_loss([{"step": 1, "loss": 1.0}], Path(tmp) / "warm.png")
+        seconds["figure"] = round(time.perf_counter() - t, 3)
+    except Exception:  # noqa: BLE001 - no matplotlib here: the runner does without
+        pass
     return seconds
 
 
@@ -88,8 +114,10 @@ def cuda_touched() -> bool:
         return False
 
 
-def _run_child(request: dict, out_fd: int, ctrl: socket.socket, status_fds: dict[int, int], started: int) -> None:
-    """In the forked child: become the job's runner; never returns."""
+def _run_child(request: dict, out_fd: int, ctrl: socket.socket, status_fds: dict[int, int], started: int,
+               in_fd: int | None = None) -> None:
+    """In the forked child: become the job's runner (or the group's, with `in_fd` as its control stdin); never
+    returns."""
     rc = 70
     try:
         os.setsid()
@@ -102,27 +130,33 @@ def _run_child(request: dict, out_fd: int, ctrl: socket.socket, status_fds: dict
         ctrl.close()
         for fd in status_fds.values():
             os.close(fd)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
+        source = os.open(os.devnull, os.O_RDONLY) if in_fd is None else in_fd
+        os.dup2(source, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
-        os.close(devnull)
+        os.close(source)
         os.close(out_fd)
         # Python's sys.stdout was made for the zygote's fd 1 (a pipe to nowhere now replaced): reopen line-buffered.
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        apply_cpu_share(request.get("cpus"), request.get("threads"))
+        threads, cores = apply_cpu_share(request.get("cpus"), request.get("threads"))
+        # a plain log line (the runner's log, not the catalog): what this runner may use of the host
+        print(f"{CPU_SHARE_LINE} {threads} torch thread(s) on cores {','.join(map(str, cores or []))}", flush=True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
-        from workers import runner
+        import importlib
 
-        sys.argv = ["workers.runner", *request["argv"]]
-        rc = runner.main(request["argv"])
+        module = request.get("module") or "workers.runner"
+        if module not in RUNNERS:
+            raise ValueError(f"not a runner: {module}")
+        sys.argv = [module, *request["argv"]]
+        rc = importlib.import_module(module).main(request["argv"])
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - report, then leave without unwinding into the zygote's loop
@@ -150,8 +184,9 @@ def _set_title(title: str | None) -> None:
         pass
 
 
-def apply_cpu_share(cpus: list[int] | None, threads: int | None) -> None:
-    """Pin this process to `cpus` and size torch's thread pool to `threads` (each defaulting to the other)."""
+def apply_cpu_share(cpus: list[int] | None, threads: int | None) -> tuple[int | None, list[int] | None]:
+    """Pin this process to `cpus` and size torch's thread pool to `threads` (each defaulting to the other).
+    Returns what the process has then: torch's thread count (None without torch) and its CPU affinity."""
     if cpus:
         try:
             os.sched_setaffinity(0, cpus)
@@ -164,6 +199,12 @@ def apply_cpu_share(cpus: list[int] | None, threads: int | None) -> None:
         torch = sys.modules.get("torch")
         if torch is not None:  # torch read OMP_NUM_THREADS when the zygote imported it: set its pool explicitly
             torch.set_num_threads(threads)
+    torch = sys.modules.get("torch")
+    try:
+        affinity = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        affinity = None
+    return (torch.get_num_threads() if torch is not None else None), affinity
 
 
 def _recv_request(ctrl: socket.socket) -> tuple[dict | None, list[int]]:
@@ -193,17 +234,21 @@ def serve(ctrl: socket.socket) -> int:
             if request is None:
                 return 0
             out_fd, status_fd = fds[0], fds[1]
-            if cuda_touched():
-                ctrl.sendall(json.dumps({"error": "CUDA was initialised in the zygote"}).encode() + b"\n")
-                os.close(out_fd)
-                os.close(status_fd)
+            in_fd = fds[2] if len(fds) > 2 else None  # a group runner's control channel (its stdin)
+            if cuda_touched() or (request.get("module") or "workers.runner") not in RUNNERS:
+                why = "CUDA was initialised in the zygote" if cuda_touched() else "not a runner module"
+                ctrl.sendall(json.dumps({"error": why}).encode() + b"\n")
+                for fd in fds:
+                    os.close(fd)
                 continue
             started_r, started_w = os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(started_r)
-                _run_child(request, out_fd, ctrl, status_fds, started_w)
+                _run_child(request, out_fd, ctrl, status_fds, started_w, in_fd)
             os.close(started_w)
+            if in_fd is not None:
+                os.close(in_fd)
             os.read(started_r, 1)  # the child has its own session now: only then may anyone kill "its group"
             os.close(started_r)
             os.close(out_fd)
