@@ -249,6 +249,66 @@ def test_packed_loss_equals_the_sum_of_separate_losses(fp32_model, tokenizer):
     torch.testing.assert_close(padded, separate, rtol=1e-5, atol=1e-4)
 
 
+def test_segment_plan_groups_examples_and_maps_every_token_back():
+    import torch
+
+    from tests.benchmarks.varlen_attention import segment_plan
+
+    # Row 0: examples of 4 and 2 tokens; row 1: 3 tokens, then 3 of padding (positions restart: one more segment).
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]])
+    plan, scatter = segment_plan(positions, rows=2, group_ratio=0.75)
+    # Longest first; 3 >= 0.75 x 4 joins the 4-token group (padded at its end), 2 starts its own group.
+    assert [(count, longest) for count, longest, _ in plan] == [(3, 4), (1, 2)]
+    assert plan[0][2].tolist() == [0, 1, 2, 3, 6, 7, 8, 6, 9, 10, 11, 9]  # row 1's examples at flat 6 and 9
+    gathered = torch.cat([gather for _, _, gather in plan])
+    assert gathered[scatter].tolist() == list(range(12))  # every token comes back to its own place
+    assert segment_plan(positions, rows=2) is segment_plan(positions, rows=2)  # one plan per position tensor
+
+
+def test_varlen_attention_matches_the_masked_rows_and_each_example_alone(fp32_model, tokenizer, monkeypatch):
+    """Attention per example (tests/benchmarks/varlen_attention.py, the packing benchmark's experiment): the same logits as each example alone and
+    as sdpa's block-diagonal mask, the same gradients, one segment plan per forward and no mask built."""
+    import torch
+    from transformers import masking_utils
+
+    from farm.tiny import dataset_rows
+    from tests.benchmarks import varlen_attention as packing
+
+    examples = [tokenize_row(r, "chat", tokenizer) for r in dataset_rows("chat", n=5, seed=3)]
+    batch = collate([examples[:3], examples[3:]], tokenizer.pad_token_id, packed=True)  # row 1 padded
+    builds, detections = [], []
+    build, detect = packing._build_plan, masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(packing, "_build_plan", lambda *a: builds.append(1) or build(*a))
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: detections.append(1) or detect(p))
+    config = fp32_model.config
+
+    def forward(grad_of):
+        fp32_model.zero_grad(set_to_none=True)
+        logits = fp32_model(**batch.model_inputs()).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), grad_of.weight.grad.clone()
+
+    q_proj = fp32_model.model.layers[0].self_attn.q_proj
+    masked, masked_grad = forward(q_proj)
+    assert len(detections) == 1  # sdpa: transformers detects the packing and builds the mask once per forward
+    try:
+        assert packing.use_varlen_attention(fp32_model)
+        varlen, varlen_grad = forward(q_proj)
+    finally:
+        config._attn_implementation = "sdpa"
+        fp32_model.zero_grad(set_to_none=True)
+    assert len(detections) == 1 and len(builds) == 1  # varlen: no mask, one plan for all layers
+    torch.testing.assert_close(varlen, masked, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(varlen_grad, masked_grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for r, row in enumerate([examples[:3], examples[3:]]):
+            start = 0
+            for ex in row:
+                alone = fp32_model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+                torch.testing.assert_close(varlen[r, start:start + len(ex)], alone, rtol=1e-4, atol=1e-4)
+                start += len(ex)
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 

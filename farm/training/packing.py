@@ -118,3 +118,4 @@ def collate(rows: list[list[Example]], pad_id: int, *, packed: bool, flatten: bo
     # Without padding the mask is all ones: leaving it out lets sdpa take its plain causal path.
     attention = torch.tensor(mask, dtype=torch.long) if has_pad else None
     return Batch(input_ids, targets, attention, None, tokens, target_tokens)
+
