@@ -1,16 +1,19 @@
 """One client interface for the CLI, two implementations: the local service layer, or the farm's HTTP API.
 
-`get_client()` picks by settings: FARM_API_URL set -> HTTP (farm.client_http.HttpClient), else local.
+`get_client()` picks by settings: FARM_API_URL set -> HTTP (farm.client_http.HttpClient), else local. Each
+client imports what it needs only when it is made: the HTTP client never loads the service layer (SQLAlchemy,
+Celery, the store's S3 code), and the local one loads the service layer when it is first used.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from farm import service
-from farm.schemas import AdapterPublic, JobEventPublic, JobPublic, PullResult
 from farm.settings import FarmSettings, get_settings
+
+if TYPE_CHECKING:
+    from farm.schemas import AdapterPublic, JobEventPublic, JobPublic, PullResult
 
 
 class FarmClient(Protocol):
@@ -27,6 +30,12 @@ class FarmClient(Protocol):
     def pull(self, ref: str, dest: Path) -> PullResult: ...
 
 
+def _service():
+    from farm import service
+
+    return service
+
+
 class LocalClient:
     """Calls the service layer in-process (needs the catalog, broker and store settings)."""
 
@@ -41,37 +50,37 @@ class LocalClient:
         from farm.store.progress import transfer_bars
 
         with transfer_bars(self.transfer_progress):
-            return service.submit_job(Path(spec_path), settings=self.settings, force=force)
+            return _service().submit_job(Path(spec_path), settings=self.settings, force=force)
 
     def get_job(self, job_id: str) -> JobPublic:
-        return service.get_job(job_id, settings=self.settings)
+        return _service().get_job(job_id, settings=self.settings)
 
     def list_jobs(self, *, state=None, kind=None, name=None, limit=50, offset=0) -> list[JobPublic]:
-        return service.list_jobs(state=state, kind=kind, name=name, limit=limit, offset=offset,
-                                 settings=self.settings)
+        return _service().list_jobs(state=state, kind=kind, name=name, limit=limit, offset=offset,
+                                    settings=self.settings)
 
     def job_events(self, job_id: str, after: int = 0) -> list[JobEventPublic]:
-        return service.job_events(job_id, after=after, settings=self.settings)
+        return _service().job_events(job_id, after=after, settings=self.settings)
 
     def cancel(self, job_id: str) -> JobPublic:
-        return service.cancel_job(job_id, settings=self.settings)
+        return _service().cancel_job(job_id, settings=self.settings)
 
     def wait(self, job_id: str, on_update=None, timeout=None) -> JobPublic:
-        return service.wait_for_job(job_id, on_update=on_update, timeout=timeout, settings=self.settings)
+        return _service().wait_for_job(job_id, on_update=on_update, timeout=timeout, settings=self.settings)
 
     def list_adapters(self, name=None) -> list[AdapterPublic]:
-        return service.list_adapters(name, settings=self.settings)
+        return _service().list_adapters(name, settings=self.settings)
 
     def get_adapter(self, ref: str) -> AdapterPublic:
-        return service.get_adapter(ref, settings=self.settings)
+        return _service().get_adapter(ref, settings=self.settings)
 
     def pull(self, ref: str, dest: Path) -> PullResult:
         if self.transfer_progress is None:
-            return service.pull_adapter(ref, dest, settings=self.settings)
-        view = service.get_adapter(ref, settings=self.settings)
+            return _service().pull_adapter(ref, dest, settings=self.settings)
+        view = _service().get_adapter(ref, settings=self.settings)
         with self.transfer_progress(f"pull {view.name}:{view.version}", sum(f.size for f in view.files)) as bar:
-            return service.pull_adapter(f"{view.name}:{view.version}", dest, settings=self.settings,
-                                        on_bytes=bar.advance)
+            return _service().pull_adapter(f"{view.name}:{view.version}", dest, settings=self.settings,
+                                           on_bytes=bar.advance)
 
 
 def get_client(settings: FarmSettings | None = None) -> FarmClient:

@@ -84,24 +84,34 @@ def warm_doorbell(settings: FarmSettings | None = None) -> None:
 
 
 def ring_doorbell(job_id: str, queue: str, *, settings: FarmSettings | None = None,
-                  countdown: float | None = None) -> None:
-    """Enqueue the message that tells a worker on `queue` to try to claim `job_id`."""
+                  countdown: float | None = None, label: str | None = None) -> None:
+    """Enqueue the message that tells a worker on `queue` to try to claim `job_id`.
+
+    `label` is the name Flower shows for the task (task_label's text); a caller that holds the job's view passes
+    it, else it is read from the catalog."""
+    if label is None:
+        label = task_label(job_id, settings)
     app_for(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, countdown=countdown,
-                                shadow=task_label(job_id, settings))  # issue 16: Flower shows the farm's names
+                                shadow=label)  # issue 16: Flower shows the farm's names
 
 
 def task_label(job_id: str, settings: FarmSettings | None = None) -> str | None:
     """The name Flower shows for a job's task (Celery's `shadow`): kind, adapter name and short job id, as in
-    ``train demo-chat 1a2b3c4d``. None (Flower shows farm.run_job) when the catalog cannot say."""
+    ``train demo-chat 1a2b3c4d`` (label_for). None (Flower shows farm.run_job) when the catalog cannot say."""
     from farm.catalog.models import Job
     from farm.catalog.session import session_scope
 
     try:
         with session_scope((settings or get_settings()).database_url) as session:
             job = session.get(Job, job_id)
-            return f"{job.kind} {job.name} {job.id[:8]}" if job is not None else None
+            return label_for(job.kind, job.name, job.id) if job is not None else None
     except Exception:  # the message matters more than its label
         return None
+
+
+def label_for(kind: str, name: str, job_id: str) -> str:
+    """The task name Flower shows for job `job_id`: kind, adapter name, short id (``train demo-chat 1a2b3c4d``)."""
+    return f"{kind} {name} {job_id[:8]}"
 
 
 def queue_depths(queues: list[str], broker_url: str | None = None) -> dict[str, int]:

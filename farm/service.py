@@ -223,9 +223,9 @@ def ring_or_withdraw(view: JobPublic, queue: str, settings: FarmSettings) -> Job
     """Ring the doorbell of job `view`, just recorded, on `queue`; when the broker cannot be reached, delete the
     job's row (nothing half-done stays) and raise FarmError saying so. Returns `view`."""
     try:
-        from farm.queue import ring_doorbell
+        from farm.queue import label_for, ring_doorbell
 
-        ring_doorbell(view.id, queue, settings=settings)
+        ring_doorbell(view.id, queue, settings=settings, label=label_for(view.kind, view.name, view.id))
     except Exception as exc:  # the broker is down: take the row back so nothing half-done stays
         with session_scope(settings.database_url) as session:
             session.delete(session.get(Job, view.id))

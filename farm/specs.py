@@ -1,7 +1,7 @@
 """Job specs: what a user submits. Every default lives here, and every field is validated at the door.
 
-Field docstrings become the CLI's ``--help`` and the API's OpenAPI descriptions
-(``use_attribute_docstrings``).
+Field docstrings become the CLI's ``--help`` and the API's OpenAPI descriptions (farm.schemas.document_fields:
+what pydantic's ``use_attribute_docstrings`` does, from one parse of this file).
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from farm.errors import SpecError
 from farm.limits import EXCERPT_CHARS, InputTooComplex, bound_message, check_structure, excerpt, load_yaml
 from farm.names import is_store_ref, queue_name
+from farm.schemas import document_fields
 
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DatasetFormat = Literal["chat", "alpaca", "completion", "text"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        document_fields(cls)  # the docstrings under the fields are their descriptions
+        super().__init_subclass__(**kwargs)
 
 
 class DatasetSpec(_Spec):

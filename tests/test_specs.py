@@ -122,3 +122,30 @@ def test_dataset_paths_without_dot_resolve_against_the_spec_folder(tmp_path, mon
     spec = load_spec(tmp_path / "job.yaml")
     assert spec.dataset.path == str(tmp_path / "data" / "t.jsonl")
     assert spec.base_model == str(tmp_path / "models" / "m")
+
+
+def test_field_docstrings_are_the_descriptions_pydantic_would_give():
+    """farm.schemas.document_fields reads field docstrings from one parse of each module; every spec and schema
+    field's description must be what pydantic's own `use_attribute_docstrings` extraction gives."""
+    import inspect
+
+    from pydantic import BaseModel
+    from pydantic._internal._docs_extraction import extract_docstrings_from_cls
+
+    from farm import schemas, specs
+
+    checked = 0
+    for module in (specs, schemas):
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if not issubclass(cls, BaseModel) or cls.__module__ != module.__name__:
+                continue
+            for name, doc in extract_docstrings_from_cls(cls, use_inspect=True).items():
+                field = cls.model_fields.get(name)
+                if field is None:
+                    continue
+                declared = cls.__dict__.get(name)
+                if getattr(declared, "description", None) not in (None, doc):
+                    continue  # an explicit Field(description=...) wins, as with pydantic
+                assert field.description == doc, f"{cls.__name__}.{name}"
+                checked += 1
+    assert checked > 50

@@ -1,20 +1,64 @@
-"""The `farm` command line: a thin front end over the service layer (or the HTTP API when FARM_API_URL is set)."""
+"""The `farm` command line: a thin front end over the service layer (or the HTTP API when FARM_API_URL is set).
+
+A short command loads only what it uses: the command modules of later features (farm/cli/cmd_<area>.py) are
+added when a command of theirs, the command list or help is asked for, rich when something is styled, and the
+service layer (SQLAlchemy, Celery) only in local mode.
+"""
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+if os.path.basename(sys.argv[0]) == "farm":  # the console script: main() runs next and turns the collector on
+    gc.disable()  # while the imports run, no collection rescans what they build (it all lives to the end)
 
-from rich.markup import escape
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
-from farm.cli import render
-from farm.errors import FarmError, JobFailed, is_invalid_input
-from farm.settings import get_settings
+from farm.cli import render  # noqa: E402
+from farm.errors import FarmError, JobFailed, is_invalid_input  # noqa: E402
+from farm.settings import get_settings  # noqa: E402
 
-app = typer.Typer(help="A training farm for LoRA/QLoRA adapters.", no_args_is_help=True,
+COMMAND_MODULES = ("models", "automation", "adapters_use", "console")
+"""Command groups of later features: one module each, farm/cli/cmd_<area>.py, with a `register(app)` function."""
+_modules_registered = False
+_exit_now = False
+"""Set by a short command that finished: main() then ends the process without the interpreter's teardown."""
+_cli_process = False
+"""Set by main(): this process runs one command and ends (not a test calling the app in its own process)."""
+
+
+class _FarmGroup(TyperGroup):
+    """The `farm` group. Its own commands are there from the start; the command modules' commands are added on
+    first need: a name that is not one of this module's, the command list (help, completion, a typo's
+    suggestion) or the `commands` mapping itself. The list then is the one a full registration gives, in order."""
+
+    def __init__(self, *args, **kwargs):
+        self._complete = _modules_registered
+        super().__init__(*args, **kwargs)
+
+    @property
+    def commands(self):
+        if not self._complete:
+            _register_command_modules()
+            self._all_commands = typer.main.get_group(app).commands
+            self._complete = True
+        return self._all_commands
+
+    @commands.setter
+    def commands(self, value) -> None:
+        self._all_commands = value
+
+    def get_command(self, ctx, cmd_name: str):
+        found = self._all_commands.get(cmd_name)
+        return found if found is not None else self.commands.get(cmd_name)
+
+
+app = typer.Typer(help="A training farm for LoRA/QLoRA adapters.", no_args_is_help=True, cls=_FarmGroup,
                   pretty_exceptions_enable=False, add_completion=True)  # issue 16: farm --install-completion
 db_app = typer.Typer(help="Catalog database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -40,11 +84,34 @@ def _client():
     from farm.client import get_client
 
     settings = get_settings()
-    if not settings.api_url:  # issue 16: a missing or unmigrated catalog is one line saying what to run
+    if settings.api_url:
+        _import_http_client()
+    else:  # issue 16: a missing or unmigrated catalog is one line saying what to run
         from farm.catalog.readiness import check_catalog
 
         check_catalog(settings.database_url, settings.home)
     return get_client()
+
+
+def _import_http_client() -> None:
+    """Import farm.client_http (httpx) without two optional modules a synchronous client never uses: httpx's own
+    command line (httpx._main: click, rich, pygments) and httpcore's trio support (httpcore imports trio whenever
+    it is installed: a quarter of a second here). Both are hidden during this import only: a later
+    `import trio` works (httpcore then lacks trio support in this process, which only an async client under trio
+    would need)."""
+    if "farm.client_http" in sys.modules:
+        return
+    hidden = [name for name in ("httpx._main", "trio") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # an import of it raises ImportError, which httpx and httpcore expect
+    try:
+        import httpcore  # noqa: F401  (httpx imports it when its first client is made)
+
+        import farm.client_http  # noqa: F401
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 @app.command()
@@ -84,28 +151,42 @@ def submit(
     force: bool = typer.Option(False, "--force", help="Train even if an identical job succeeded or is in flight."),
 ) -> None:
     """Validate a job spec and enqueue it; prints the job id."""
-    from farm.cli.cmd_console import with_transfer_bars  # issue 16: a bar on dataset uploads
+    global _exit_now
 
-    client = with_transfer_bars(_client())
+    if _cli_process:  # a short command: no cyclic garbage collection (a tenth of its CPU); its cycles die with it
+        gc.disable()
+    client = _client()
+    if not render.plain_stream(sys.stderr):  # issue 16: a bar on dataset uploads (rich decides: a terminal?)
+        from farm.cli.cmd_console import with_transfer_bars
+
+        client = with_transfer_bars(client)
     job = client.submit(spec, force=force)
     if json_out and not wait:
         render.print_json(job)
+        _exit_now = True
         return
     if not json_out and job.deduplicated:  # issue 14
-        render.console.print(f"identical to job [bold]{job.id}[/bold] ({job.state}"
-                             f"{', adapter ' + job.adapter if job.adapter else ''}): not submitted again "
-                             "(--force trains anyway)")
+        tail = f" ({job.state}{', adapter ' + job.adapter if job.adapter else ''}): not submitted again " \
+               "(--force trains anyway)"
+        render.print_line(f"identical to job [bold]{job.id}[/bold]{tail}", f"identical to job {job.id}{tail}")
     elif not json_out:
-        render.console.print(f"submitted job [bold]{job.id}[/bold] ({job.kind} {job.name}) to {job.queue}")
+        tail = f" ({job.kind} {job.name}) to {job.queue}"
+        render.print_line(f"submitted job [bold]{job.id}[/bold]{tail}", f"submitted job {job.id}{tail}")
     for note in getattr(job, "notes", None) or []:  # issue 13: what the door could not check
+        from rich.markup import escape
+
         render.err_console.print(f"[yellow]not checked at submit[/yellow]: {escape(note)}", highlight=False)
     if wait:
+        if not gc.isenabled():  # waiting may take hours: collect again, never rescanning what was loaded
+            gc.freeze()
+            gc.enable()
         job = _wait(client, job.id, quiet=json_out)
         if json_out:
             render.print_json(job)
         if job.state != "succeeded":
             raise JobFailed(f"job {job.id} ended {job.state}"
                             + (f": {job.error.code}: {job.error.message}" if job.error else ""))
+    _exit_now = True
 
 
 def _wait(client, job_id: str, quiet: bool = False):
@@ -261,25 +342,65 @@ def demo(workdir: Path = typer.Option(Path(".farm/demo"), help="Where the demo w
     run_demo(workdir, steps=steps)
 
 
-# Command groups of later features: one module each, farm/cli/cmd_<area>.py, with a `register(app)` function.
 def _register_command_modules() -> None:
+    """Add the commands of every module in COMMAND_MODULES to `app` (once; _FarmGroup calls it on first need)."""
+    global _modules_registered
+    if _modules_registered:
+        return
     import importlib
 
-    for area in ("models", "automation", "adapters_use", "console"):
+    _modules_registered = True
+    for area in COMMAND_MODULES:
         importlib.import_module(f"farm.cli.cmd_{area}").register(app)
 
 
-_register_command_modules()
+def _exit_without_teardown(code) -> None:
+    """End the process now, as sys.exit(code) would, skipping the interpreter's teardown (freeing every module
+    and object: a tenth of a second of CPU after SQLAlchemy, pydantic and Celery were loaded).
+
+    Only for a command that finished (`_exit_now`): its output is flushed here; the catalog's transaction was
+    committed, the broker message was sent (kombu publishes synchronously) and the OS closes their sockets and
+    files as at any exit (SQLite's WAL stays consistent). The atexit hooks a submit leaves are logging.shutdown
+    (the CLI has no handler but libraries' NullHandlers), weakref.finalize's (no finalizer marked to run at
+    exit) and multiprocessing's (no child, no registered finalizer): nothing is lost. Falls back to a normal
+    exit when a flush fails (a closed pipe) or a non-daemon thread still runs."""
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        sys.exit(code)
+    os._exit(status)
 
 
 def main() -> None:
     """Entry point: FarmErrors become a clear message and a non-zero exit, not a traceback."""
+    global _cli_process
+    _cli_process = True
+    gc.freeze()  # what the imports made lives as long as the process: no collection scans it again
+    gc.enable()  # off while the console script imported this module
     render.quiet_libraries()  # issue 16: no library warnings or third-party bars in the CLI's output
     try:
         app()
     except FarmError as exc:
+        from rich.markup import escape
+
         render.err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(2 if is_invalid_input(exc.code) else 1)
+    except SystemExit as exc:
+        if _exit_now:
+            _exit_without_teardown(exc.code)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
-"""How the CLI shows things: rich tables for people, JSON for scripts, a live progress bar for running jobs."""
+"""How the CLI shows things: rich tables for people, JSON for scripts, a live progress bar for running jobs.
+
+rich is imported on first use (`console`, `err_console`, a table or a bar): a command that prints one plain line
+to a pipe (`farm submit`) never loads it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from pydantic import BaseModel
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
-from farm.schemas import AdapterPublic, JobPublic
+    from farm.schemas import AdapterPublic, JobPublic
+
 
 def _console_options(stream) -> dict:
     # Output to a file or a pipe is not wrapped at 80 columns (paths and ids stay whole); a terminal wraps as usual.
@@ -22,8 +27,55 @@ def _console_options(stream) -> dict:
     return {} if tty else {"width": 100_000, "soft_wrap": True}
 
 
-console = Console(**_console_options(sys.stdout))
-err_console = Console(stderr=True, **_console_options(sys.stderr))
+def __getattr__(name: str):
+    # `console` and `err_console` are made on first use (module __getattr__, PEP 562), then are plain globals.
+    if name == "console":
+        from rich.console import Console
+
+        value = Console(**_console_options(sys.stdout))
+    elif name == "err_console":
+        from rich.console import Console
+
+        value = Console(stderr=True, **_console_options(sys.stderr))
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def _out() -> Console:
+    found = globals().get("console")
+    return found if found is not None else __getattr__("console")
+
+
+def _err() -> Console:
+    found = globals().get("err_console")
+    return found if found is not None else __getattr__("err_console")
+
+
+def plain_stream(stream) -> bool:
+    """True when rich would write to `stream` without any style, bar or wrapping: not a terminal, and neither
+    FORCE_COLOR nor TTY_COMPATIBLE asks for one. A line of text then needs no rich, and no bar is shown."""
+    if "FORCE_COLOR" in os.environ or "TTY_COMPATIBLE" in os.environ:
+        return False
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def plain_stdout() -> bool:
+    """plain_stream(sys.stdout)."""
+    return plain_stream(sys.stdout)
+
+
+def print_line(markup: str, plain: str) -> None:
+    """Print one line: `plain` with print() when stdout is plain (plain_stdout), else `markup` through rich.
+    `plain` must be `markup` without its tags (the text rich would write to a pipe)."""
+    if plain_stdout():
+        print(plain)
+    else:
+        _out().print(markup)
 
 
 def quiet_libraries() -> None:
@@ -51,6 +103,8 @@ def quiet_libraries() -> None:
 
 
 def print_json(data) -> None:
+    from pydantic import BaseModel
+
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
     elif isinstance(data, list):
@@ -93,6 +147,8 @@ def _progress_text(p: dict | None, state: str | None = None, mean_tps: float | N
 
 
 def jobs_table(jobs: Iterable[JobPublic]) -> Table:
+    from rich.table import Table
+
     table = Table("id", "kind", "name", "state", "progress", "attempt", "created", box=None)
     for j in jobs:
         table.add_row(j.id[:12], j.kind, j.name, j.state,
@@ -102,25 +158,27 @@ def jobs_table(jobs: Iterable[JobPublic]) -> Table:
 
 
 def job_detail(job: JobPublic) -> None:
-    console.print(f"[bold]{job.id}[/bold]  {job.kind} [cyan]{job.name}[/cyan]  state [bold]{job.state}[/bold]")
-    console.print(f"queue {job.queue}  attempt {job.attempt}/{job.max_attempts}  worker {job.worker or '-'}  "
+    _out().print(f"[bold]{job.id}[/bold]  {job.kind} [cyan]{job.name}[/cyan]  state [bold]{job.state}[/bold]")
+    _out().print(f"queue {job.queue}  attempt {job.attempt}/{job.max_attempts}  worker {job.worker or '-'}  "
                   f"submitted by {job.submitted_by or '-'}")
     if job.progress:
         p = job.progress
-        console.print(f"progress {_progress_text(p, job.state)}")
+        _out().print(f"progress {_progress_text(p, job.state)}")
     if job.adapter:
-        console.print(f"adapter [green]{job.adapter}[/green]")
+        _out().print(f"adapter [green]{job.adapter}[/green]")
     cot = job.cotraining or {}
     if cot.get("cotrained_with"):  # issue 10
         sizes = ", ".join(f"{s['size']} from step {s['step']}" for s in cot.get("group_sizes") or [])
-        console.print(f"co-trained with {', '.join(cot['cotrained_with'])}  (group size {sizes or '-'})")
+        _out().print(f"co-trained with {', '.join(cot['cotrained_with'])}  (group size {sizes or '-'})")
     elif job.progress and (job.progress.get("group_size") or 1) > 1:
-        console.print(f"co-training in a group of {job.progress['group_size']}")
+        _out().print(f"co-training in a group of {job.progress['group_size']}")
     if job.error:
-        console.print(f"[red]error {job.error.code}[/red]: {job.error.message}")
+        _out().print(f"[red]error {job.error.code}[/red]: {job.error.message}")
 
 
 def adapters_table(adapters: Iterable[AdapterPublic]) -> Table:
+    from rich.table import Table
+
     table = Table("name", "version", "kind", "base model", "final loss", "published", box=None)
     for a in adapters:
         loss = (a.metrics or {}).get("final_loss")
@@ -131,25 +189,27 @@ def adapters_table(adapters: Iterable[AdapterPublic]) -> Table:
 
 
 def adapter_detail(a: AdapterPublic) -> None:
-    console.print(f"[bold]{a.name}:{a.version}[/bold] ({a.kind})  {a.uri}")
-    console.print(f"job {a.job_id}  spec sha256 {a.spec_hash[:16]}…")
-    console.print(f"base model {a.base_model}  sha256 {a.base_model_sha256 or '-'}")
+    from rich.table import Table
+
+    _out().print(f"[bold]{a.name}:{a.version}[/bold] ({a.kind})  {a.uri}")
+    _out().print(f"job {a.job_id}  spec sha256 {a.spec_hash[:16]}…")
+    _out().print(f"base model {a.base_model}  sha256 {a.base_model_sha256 or '-'}")
     if a.dataset_uri:
-        console.print(f"dataset {a.dataset_uri}  sha256 {a.dataset_sha256}")
+        _out().print(f"dataset {a.dataset_uri}  sha256 {a.dataset_sha256}")
     if a.source_model:
-        console.print(f"source model {a.source_model}  sha256 {a.source_model_sha256}")
+        _out().print(f"source model {a.source_model}  sha256 {a.source_model_sha256}")
     if a.parent:
-        console.print(f"continued from {a.parent}")
+        _out().print(f"continued from {a.parent}")
     env = (a.provenance or {}).get("environment", {})
     if env:
-        console.print("environment " + ", ".join(f"{k} {v}" for k, v in sorted(env.items()) if not isinstance(v, (dict, list))))
+        _out().print("environment " + ", ".join(f"{k} {v}" for k, v in sorted(env.items()) if not isinstance(v, (dict, list))))
     if a.metrics:
-        console.print("metrics " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        _out().print("metrics " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in sorted(a.metrics.items()) if not isinstance(v, (dict, list))))
     table = Table("file", "size", "sha256", box=None)
     for f in a.files:
         table.add_row(f.path, str(f.size), f.sha256)
-    console.print(table)
+    _out().print(table)
 
 
 class JobProgress:
@@ -160,10 +220,12 @@ class JobProgress:
     """
 
     def __init__(self, job_id: str):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.progress = Progress(
             TextColumn("[bold]{task.fields[state]}[/bold]"), BarColumn(),
             TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=err_console, transient=False)
+            TimeElapsedColumn(), console=_err(), transient=False)
         self.task = self.progress.add_task(job_id, total=None, state="queued", info="")
         self._rates: dict[tuple, float] = {}
 
@@ -204,6 +266,8 @@ class JobProgress:
 
 def events_table(events) -> Table:
     """A job's events as a table: floats rounded, data as key=value pairs."""
+    from rich.table import Table
+
     table = Table("id", "time", "attempt", "type", "state", "data", box=None)
     for e in events:
         data = "  ".join(f"{k}={_num(v)}" for k, v in (e.data or {}).items() if not isinstance(v, (dict, list)))
@@ -225,11 +289,11 @@ class TransferProgress:
     """
 
     def __init__(self, label: str, total: int | None):
-        from rich.progress import DownloadColumn, TransferSpeedColumn
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        self.enabled = err_console.is_terminal
+        self.enabled = _err().is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), console=err_console, transient=True,
+                                 TransferSpeedColumn(), console=_err(), transient=True,
                                  disable=not self.enabled)
         self.task = self.progress.add_task(label, total=total)
 
