@@ -53,6 +53,13 @@ class ModelError(FarmError):
     retryable, invalid_input = False, True
 
 
+class SettingsError(FarmError):
+    """A FARM_* environment variable holds a value the farm cannot use."""
+
+    code = "invalid_settings"
+    retryable, invalid_input = False, True
+
+
 class ResourceError(FarmError):
     """The job asks for resources no worker of this farm can ever provide."""
 

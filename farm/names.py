@@ -110,3 +110,8 @@ def queue_name(*, gpus: int = 0, cpu_slots: int = 1) -> str:
     if gpus > 0:
         return f"farm.gpu.{gpus}"
     return CPU_QUEUE if cpu_slots == 1 else f"{CPU_QUEUE}.{cpu_slots}"
+
+
+def label_for(kind: str, name: str, job_id: str) -> str:
+    """The task name Flower shows for job `job_id`: kind, adapter name, short id (``train demo-chat 1a2b3c4d``)."""
+    return f"{kind} {name} {job_id[:8]}"

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from farm.names import CPU_QUEUE
+from farm.names import CPU_QUEUE, label_for
 from farm.settings import FarmSettings, get_settings
 
 RUN_JOB_TASK = "farm.run_job"
@@ -109,9 +109,6 @@ def task_label(job_id: str, settings: FarmSettings | None = None) -> str | None:
         return None
 
 
-def label_for(kind: str, name: str, job_id: str) -> str:
-    """The task name Flower shows for job `job_id`: kind, adapter name, short id (``train demo-chat 1a2b3c4d``)."""
-    return f"{kind} {name} {job_id[:8]}"
 
 
 def queue_depths(queues: list[str], broker_url: str | None = None) -> dict[str, int]:

@@ -196,9 +196,12 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     key = content_key(spec, settings)
     if not force and (duplicate := find_duplicate(key, settings)) is not None:
         return duplicate
-    from farm.queue import warm_doorbell  # connected before the commit: the message leaves right after it
+    from farm import doorbell_helper
 
-    warm_doorbell(settings)
+    if not doorbell_helper.running(settings.broker_url):  # else the CLI's helper connects on the other core
+        from farm.queue import warm_doorbell  # connected before the commit: the message leaves right after it
+
+        warm_doorbell(settings)
     with session_scope(settings.database_url) as session:
         # The insert comes first: on SQLite it takes the write lock, so the check below sees any identical job
         # that another submit committed meanwhile (two identical submits at once queue one job).
@@ -223,9 +226,14 @@ def ring_or_withdraw(view: JobPublic, queue: str, settings: FarmSettings) -> Job
     """Ring the doorbell of job `view`, just recorded, on `queue`; when the broker cannot be reached, delete the
     job's row (nothing half-done stays) and raise FarmError saying so. Returns `view`."""
     try:
-        from farm.queue import label_for, ring_doorbell
+        from farm import doorbell_helper
+        from farm.names import label_for
 
-        ring_doorbell(view.id, queue, settings=settings, label=label_for(view.kind, view.name, view.id))
+        label = label_for(view.kind, view.name, view.id)
+        if not doorbell_helper.ring(view.id, queue, label, settings.broker_url):
+            from farm.queue import ring_doorbell
+
+            ring_doorbell(view.id, queue, settings=settings, label=label)
     except Exception as exc:  # the broker is down: take the row back so nothing half-done stays
         with session_scope(settings.database_url) as session:
             session.delete(session.get(Job, view.id))

@@ -1,18 +1,62 @@
-"""Settings from the environment (prefix ``FARM_``), built once per process."""
+"""Settings from the environment (prefix ``FARM_``), built once per process.
+
+FarmSettings reads the environment as pydantic-settings' BaseSettings did for it (``env_prefix="FARM_"``,
+case-insensitive names, JSON for list and dict fields, keyword arguments before the environment, defaults
+validated), without importing pydantic-settings, whose import alone (every settings source: CLI, AWS, Azure, GCP,
+TOML, YAML) cost a light producer such as `farm submit` more than building the settings.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import typing
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+ENV_PREFIX = "FARM_"
+_JSON_ORIGINS = (list, dict, set, frozenset, tuple)
 
 
-class FarmSettings(BaseSettings):
+def _is_json_field(annotation) -> bool:
+    """A field whose environment value is JSON: a list, dict, set or tuple, or a pydantic model."""
+    origin = typing.get_origin(annotation) or annotation
+    return origin in _JSON_ORIGINS or (isinstance(origin, type) and issubclass(origin, BaseModel))
+
+
+def environment_values(cls: type[BaseModel], environ: typing.Mapping[str, str] | None = None) -> dict:
+    """The fields of `cls` set in the environment: FARM_<FIELD> in any letter case; list and dict fields as JSON
+    (a value that is not JSON raises ValueError naming the field)."""
+    env = {key.lower(): value for key, value in (os.environ if environ is None else environ).items()}
+    found = {}
+    for name, field in cls.model_fields.items():
+        value = env.get(f"{ENV_PREFIX.lower()}{name}")
+        if value is None:
+            continue
+        if _is_json_field(field.annotation):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} is not JSON") from None
+        found[name] = value
+    return found
+
+
+class FarmSettings(BaseModel):
     """Where the farm's services live. Defaults run everything on one machine (embedded mode)."""
 
-    model_config = SettingsConfigDict(env_prefix="FARM_", extra="ignore")
+    model_config = ConfigDict(extra="ignore", validate_default=True, arbitrary_types_allowed=True)
+
+    def __init__(self, **values) -> None:
+        """Keyword arguments win over the environment (a dict field merges the two, keys given here winning)."""
+        merged = environment_values(type(self))
+        for name, value in values.items():
+            if isinstance(value, dict) and isinstance(merged.get(name), dict):
+                value = {**merged[name], **value}
+            merged[name] = value
+        super().__init__(**merged)
 
     home: Path = Field(Path(".farm"), description="Local state folder for the embedded defaults.")
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker.")
@@ -95,5 +139,19 @@ class FarmSettings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> FarmSettings:
-    """The process-wide settings object (tests clear the cache after changing the environment)."""
-    return FarmSettings()
+    """The process-wide settings object (tests clear the cache after changing the environment). A FARM_* variable
+    with an unusable value raises SettingsError naming the variable (the CLI prints it as one line)."""
+    from pydantic import ValidationError
+
+    from farm.errors import SettingsError
+
+    try:
+        return FarmSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first.get("loc") else ""
+        variable = f"{ENV_PREFIX}{name.upper()}" if name else "a FARM_* variable"
+        raise SettingsError(f"{variable}: {first['msg']}; fix it in the environment "
+                            f"({len(exc.errors())} problem(s) in all)", field=variable) from None
+    except ValueError as exc:  # a list or dict variable that is not JSON
+        raise SettingsError(f"{exc}: give it as JSON, like '[\"a\", \"b\"]'") from None

@@ -155,12 +155,21 @@ def submit(
 
     if _cli_process:  # a short command: no cyclic garbage collection (a tenth of its CPU); its cycles die with it
         gc.disable()
+    settings = get_settings()
+    if _cli_process and not settings.api_url:  # Celery loads and connects on the other core meanwhile
+        from farm import doorbell_helper
+
+        doorbell_helper.start(settings.broker_url)
     client = _client()
-    if not render.plain_stream(sys.stderr):  # issue 16: a bar on dataset uploads (rich decides: a terminal?)
+    if not render.plain_stream(sys.stderr):  # a bar on dataset uploads (rich decides: a terminal?)
         from farm.cli.cmd_console import with_transfer_bars
 
         client = with_transfer_bars(client)
-    job = client.submit(spec, force=force)
+    try:
+        job = client.submit(spec, force=force)
+    finally:
+        if "farm.doorbell_helper" in sys.modules:
+            sys.modules["farm.doorbell_helper"].discard()  # unused: a duplicate, or the spec was refused
     if json_out and not wait:
         render.print_json(job)
         _exit_now = True
