@@ -104,21 +104,7 @@ def start_runner(job_file: Path, spec: dict, cwd: Path):
     Its stdout (text, line-buffered) carries the runner's events and log lines, stderr included.
     """
     argv, env = runner_command(job_file, spec)
-    cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
-    if warm_start_enabled(spec):
-        zygote = Zygote.for_this_process()
-        # Still importing (the worker just started): start this one cold rather than wait with a claim held and
-        # no heartbeat; the zygote serves the next job.
-        if zygote is not None and zygote.is_ready():
-            try:
-                runner = zygote.spawn([str(job_file)], env, cwd, cpus, title=" ".join(argv))
-                runner.args = argv  # what a cold start would have run, for the log
-                return runner
-            except (OSError, ValueError, RuntimeError):
-                Zygote.discard()
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=_pin_cold_child(cpus), env=env, cwd=cwd, text=True,
-                            bufsize=1)
+    return _start(argv, [str(job_file)], env, spec, cwd, module="workers.runner", control=False)
 
 
 def start_group_runner(group_file: Path, spec: dict, cwd: Path):
@@ -126,21 +112,30 @@ def start_group_runner(group_file: Path, spec: dict, cwd: Path):
     control messages: forked warm from the zygote like a job's runner when it can be, else a fresh process. Same
     CPU share as a job's runner; a Popen or a WarmRunner."""
     _, env = runner_command(group_file, spec)
-    cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
     argv = [sys.executable, "-m", "workers.cotrain_runner", str(group_file)]
+    return _start(argv, [str(group_file)], env, spec, cwd, module="workers.cotrain_runner", control=True)
+
+
+def _start(argv: list[str], runner_args: list[str], env: dict[str, str], spec: dict, cwd: Path, *, module: str,
+           control: bool):
+    """Fork `module` with `runner_args` from the zygote when it can be, else run `argv` cold; `control`: its stdin
+    is a pipe for control messages (else /dev/null). Either way in its own session with its CPU share."""
+    cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
     if warm_start_enabled(spec):
         zygote = Zygote.for_this_process()
+        # Still importing (the worker just started): start this one cold rather than wait with a claim held and
+        # no heartbeat; the zygote serves the next job.
         if zygote is not None and zygote.is_ready():
             try:
-                runner = zygote.spawn([str(group_file)], env, cwd, cpus, title=" ".join(argv),
-                                      module="workers.cotrain_runner", stdin=True)
-                runner.args = argv
+                runner = zygote.spawn(runner_args, env, cwd, cpus, title=" ".join(argv), module=module,
+                                      stdin=control)
+                runner.args = argv  # what a cold start would have run, for the log
                 return runner
             except (OSError, ValueError, RuntimeError):
                 Zygote.discard()
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=_pin_cold_child(cpus), env=env, cwd=cwd, text=True,
-                            bufsize=1)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.PIPE if control else subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_pin_cold_child(cpus), env=env, cwd=cwd, text=True, bufsize=1)
 
 
 class WarmRunner:
