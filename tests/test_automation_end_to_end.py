@@ -132,6 +132,11 @@ def test_api_feedback_policy_schedule_and_force(farm_stack, tiny_model_dir, tmp_
     forced = http.post("/v1/jobs", json=body, params={"force": "true"}).json()
     assert forced["deduplicated"] is False and forced["id"] != v1["id"]
     http.post(f"/v1/jobs/{forced['id']}/cancel")
+    # a 4-step job on a warm runner may finish before its cancel lands: then it published version 2
+    ended = service.wait_for_job(forced["id"], timeout=300, settings=settings)
+    assert ended.state in ("cancelled", "succeeded"), ended
+    parent = 2 if ended.state == "succeeded" else 1
+    child = parent + 1
 
     r = http.put("/v1/adapters/e2e-bot/retrain", json={"every": 4, "replay": 0, "max_steps": 2})
     assert r.status_code == 200 and r.json()["policy"]["every"] == 4
@@ -142,16 +147,16 @@ def test_api_feedback_policy_schedule_and_force(farm_stack, tiny_model_dir, tmp_
     assert out["added"] == 4 and out["retrain_job"]
     again = http.post("/v1/adapters/e2e-bot/feedback", content=rows).json()
     assert again["added"] == 0 and again["retrain_job"] is None  # a row sent twice counts once
-    wait_for_version(settings, "e2e-bot", 2)
-    lineage = http.get("/v1/adapters/e2e-bot/lineage", params={"version": 2}).json()
-    assert lineage["parent"] == "e2e-bot:1" and len(lineage["feedback_events"]) == 4
+    wait_for_version(settings, "e2e-bot", child)
+    lineage = http.get("/v1/adapters/e2e-bot/lineage", params={"version": child}).json()
+    assert lineage["parent"] == f"e2e-bot:{parent}" and len(lineage["feedback_events"]) == 4
     # the remote CLI: the same commands through the API
     out = json.loads(farm(["feedback", "e2e-bot", str(tmp_path / "f.jsonl"), "--json"], env).stdout)
     assert out["added"] == 0 and out["received"] == 4 and out["every"] == 4
-    assert json.loads(farm(["lineage", "e2e-bot:2", "--json"], env).stdout)["feedback_events"] == \
+    assert json.loads(farm(["lineage", f"e2e-bot:{child}", "--json"], env).stdout)["feedback_events"] == \
         lineage["feedback_events"]
     assert json.loads(farm(["retrain", "e2e-bot", "--json"], env).stdout)["pool_used"] == 4
-    compared = http.get("/v1/adapters/e2e-bot/compare", params={"version": 1, "other": "e2e-bot:2"}).json()
+    compared = http.get("/v1/adapters/e2e-bot/compare", params={"version": 1, "other": f"e2e-bot:{child}"}).json()
     assert compared["identical"] is False and compared["max_abs_diff"] > 0 and compared["tensor"]
     replayed = http.post("/v1/adapters/e2e-bot/replay", params={"version": 1})
     assert replayed.status_code == 201 and replayed.json()["deduplicated"] is False

@@ -198,15 +198,22 @@ def test_distributed_command_runs_ranks_of_the_runner_with_cpu_settings(tmp_path
 
 
 def test_launcher_relays_rank0_events_and_marks_the_other_ranks_lines(tmp_path):
-    """A job file that does not exist: every rank reports an error; only rank 0's stays an event."""
-    out = subprocess.run([sys.executable, "-m", "workers.distributed", "--nproc", "2", str(tmp_path / "nope.json")],
-                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert out.returncode == 1, out.stdout + out.stderr
-    events = [e for e in map(parse_line, out.stdout.splitlines()) if e is not None]
-    assert len(events) == 1 and events[0]["type"] == "error" and events[0]["code"] == "invalid_spec"
-    assert "nope.json: job file not found" in events[0]["message"]
-    assert any(line.startswith("[rank 1] @@farm ") for line in out.stdout.splitlines())
+    """A job file that does not exist: every rank reports an error; only rank 0's stays an event. Rank 1 is
+    stopped as soon as rank 0 fails, so on a loaded machine it may be stopped before it prints: up to three runs,
+    until one shows its line."""
+    marked = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-m", "workers.distributed", "--nproc", "2",
+                              str(tmp_path / "nope.json")], capture_output=True, text=True, cwd=REPO_ROOT,
+                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert out.returncode == 1, out.stdout + out.stderr
+        events = [e for e in map(parse_line, out.stdout.splitlines()) if e is not None]
+        assert len(events) == 1 and events[0]["type"] == "error" and events[0]["code"] == "invalid_spec"
+        assert "nope.json: job file not found" in events[0]["message"]
+        marked += [line for line in out.stdout.splitlines() if line.startswith("[rank 1] @@farm ")]
+        if marked:
+            break
+    assert marked, "rank 1's error line never came through in three runs"
 
 
 def test_launcher_names_the_rank_that_failed_first_unless_rank0_said_the_same():
