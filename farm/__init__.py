@@ -8,6 +8,7 @@ the CLI (`farm/cli/`), the HTTP API (`api/`) and the workers (`workers/`). The l
                 refs, queue names), `settings`
 - the use cases: `service` (one function per use case, for every front door), `schemas` (what they return),
                 `client`/`client_http`/`client_transfers`, `stats`, `queue` (the Celery app, no task bodies),
+                `doorbell_helper` (a submit's broker side, forked onto another core),
                 `console` and `job_logs` (what the web console and `farm logs` read), `checkpoints`, `generate`,
                 `model_checks`/`model_fetch`, `embedded` (the one-machine defaults), `flower`
 - sharing:      `bundles`/`bundle_reader` (export, verified import), `remotes` (other farms)

@@ -404,7 +404,8 @@ def main() -> None:
     except FarmError as exc:
         from rich.markup import escape
 
-        render.err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False, soft_wrap=True)
+        render.err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False,
+                                 soft_wrap=True)
         sys.exit(2 if is_invalid_input(exc.code) else 1)
     except SystemExit as exc:
         if _exit_now:
