@@ -169,6 +169,13 @@ class RunnerKilled(FarmError):
     code = "runner_killed"
 
 
+class EvictedForMemory(FarmError):
+    """A co-training group ran out of memory and this job, its newest member, left it; the next attempt trains it
+    alone (`training.cotrain` turns false in its spec, farm.automation.oom)."""
+
+    code = "cotrain_out_of_memory"
+
+
 class OutOfMemory(FarmError):
     """Training could not allocate memory (CUDA's or the CPU allocator's); the next attempt resumes with half the
     micro-batch and twice the accumulation (farm.automation.oom, issue 14), until micro-batch 1."""

@@ -292,6 +292,35 @@ def test_a_changed_base_model_is_new_content(farm, tmp_path, tiny_model_dir):
     assert not service.submit_job(spec_for(model, data, name="m"), settings=farm).deduplicated
 
 
+def test_a_job_evicted_from_its_cotraining_group_for_memory_retries_alone(farm, tmp_path, tiny_model_dir):
+    """The group ran out of memory and evicted its newest job: that job's next attempt trains alone
+    (training.cotrain false, recorded like a micro-batch change) instead of rejoining a group with no room for it,
+    and it is rung again."""
+    from farm.errors import EvictedForMemory
+    from farm.training.cotrain import cotrain_key
+    from workers.outcome import record_failure
+
+    data = write_dataset(tmp_path / "d.jsonl", "chat", n=16, seed=13)
+    job = service.submit_job(spec_for(tiny_model_dir, data, name="evicted"), settings=farm)
+    assert cotrain_key(job.spec) is not None
+    with session_scope(farm.database_url) as session:
+        claim = repo.claim_job(session, job.id, "w", 60)
+
+    def write(fn, *args):
+        with session_scope(farm.database_url) as session:
+            return fn(session, claim, *args)
+
+    depth = queue_depths(["farm.cpu"], farm.broker_url)["farm.cpu"]
+    state = record_failure(write, farm, job.id, EvictedForMemory.code, "evicted from its co-training group")
+    assert state == "recovering"
+    view = service.get_job(job.id, settings=farm)
+    assert view.state == "recovering" and view.error.code == "cotrain_out_of_memory"
+    assert view.spec["training"]["cotrain"] is False and cotrain_key(view.spec) is None
+    assert [e.data for e in service.job_events(job.id, settings=farm) if e.type == "oom_retry"] == \
+        [{"from": {"cotrain": True}, "to": {"cotrain": False}, "attempt": 1}]
+    assert queue_depths(["farm.cpu"], farm.broker_url)["farm.cpu"] == depth + 1
+
+
 # ---------------------------------------------------------------- schedules
 
 def test_schedule_durations_and_slots():

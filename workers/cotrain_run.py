@@ -28,7 +28,15 @@ from farm.catalog import repository as repo
 from farm.catalog.models import CANCELLING, Job
 from farm.catalog.repository import Claim
 from farm.catalog.session import session_scope
-from farm.errors import AttemptTimedOut, FarmError, InputFetchFailed, RunnerCrashed, RunnerKilled, WorkerStopped
+from farm.errors import (
+    AttemptTimedOut,
+    EvictedForMemory,
+    FarmError,
+    InputFetchFailed,
+    RunnerCrashed,
+    RunnerKilled,
+    WorkerStopped,
+)
 from farm.runner_protocol import parse_line
 from farm.settings import FarmSettings
 from workers import inputs
@@ -295,7 +303,9 @@ class GroupRun:
         if reason == "timeout":
             return run.fail(Outcome.failed(AttemptTimedOut(
                 f"killed after resources.timeout_minutes={a['timeout']}")))
-        # out_of_memory, incompatible: another attempt trains it elsewhere, from its checkpoint
+        if reason == "out_of_memory":  # its next attempt trains alone, from its checkpoint
+            return run.fail(Outcome.failed(EvictedForMemory("evicted from its co-training group to fit in memory")))
+        # incompatible: another attempt trains it elsewhere, from its checkpoint
         return run.fail(Outcome.failed(RunnerCrashed(f"left its co-training group: {reason}")))
 
     def _end_orphans(self, returncode: int | None, stopping: bool) -> None:

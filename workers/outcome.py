@@ -16,6 +16,7 @@ from farm.catalog.models import RECOVERING
 from farm.catalog.session import session_scope
 from farm.errors import (
     AttemptTimedOut,
+    EvictedForMemory,
     FarmError,
     OutOfMemory,
     RunnerCrashed,
@@ -69,10 +70,14 @@ def record_failure(write: Write, settings: FarmSettings, job_id: str, code: str,
     from farm.queue import ring_doorbell
 
     try:
-        if code == OutOfMemory.code:  # issue 14: again with half the micro-batch, or fail saying what to change
+        if code == OutOfMemory.code:  # again with half the micro-batch, or fail saying what to change
             from farm.automation.oom import shrink_after_oom
 
             state = write(shrink_after_oom, message)
+        elif code == EvictedForMemory.code:  # again, alone
+            from farm.automation.oom import solo_after_group_oom
+
+            state = write(solo_after_group_oom, message)
         else:
             state = write(repo.end_failed_attempt, code, message)
     except StaleAttempt:

@@ -56,8 +56,27 @@ def shrink_after_oom(session, claim, message: str) -> str:
     return RECOVERING if retried else FAILED
 
 
+def solo_after_group_oom(session, claim, message: str) -> str:
+    """A job evicted from its co-training group to fit in memory: its spec gets `training.cotrain: false` (recorded
+    like a micro-batch change), so its next attempt trains alone instead of rejoining a group that has no room
+    for it (it would be evicted again until its attempts ran out). Returns `recovering` or `failed`."""
+    from farm.errors import EvictedForMemory
+
+    job = repo._fenced(session, claim)
+    spec = dict(job.spec)
+    training = dict(spec.get("training") or {})
+    job.spec = {**spec, "training": {**training, "cotrain": False}}
+    change = {"from": {"cotrain": training.get("cotrain", True)}, "to": {"cotrain": False},
+              "attempt": claim.attempt}
+    repo.add_event(session, job.id, claim.attempt, OOM_EVENT, data=change)
+    retried = repo.release_for_retry(session, claim, EvictedForMemory.code,
+                                     f"left its co-training group to fit in memory: retrying alone\n{message[-1500:]}")
+    return RECOVERING if retried else FAILED
+
+
 def oom_history(session, job_id: str) -> list[dict]:
-    """The job's micro-batch changes after running out of memory, oldest first (for its provenance)."""
+    """The job's changes after running out of memory (a halved micro-batch, or co-training off), oldest first
+    (for its provenance)."""
     return [e.data for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
                                                                    JobEvent.type == OOM_EVENT)
                                             .order_by(JobEvent.id))]
