@@ -201,18 +201,16 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     if not doorbell_helper.running(settings.broker_url):  # else the CLI's helper connects on the other core
         from farm.queue import warm_doorbell  # connected before the commit: the message leaves right after it
 
-        warm_doorbell(settings)
+        warm_doorbell(settings, queue)
     with session_scope(settings.database_url) as session:
-        # The insert comes first: on SQLite it takes the write lock, so the check below sees any identical job
-        # that another submit committed meanwhile (two identical submits at once queue one job).
-        job = repo.create_job(session, kind=spec.kind, name=spec.name, queue=queue, spec=spec_to_dict(spec),
-                              spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
-                              submitted_by=submitted_by or local_user())
+        # Locked, the check sees any identical job another submit committed meanwhile (two identical submits at
+        # once queue one job); the job's row comes last, so its `queued` time is right before the commit.
         lock_content_key(session, key)
-        duplicate = None if force else duplicate_in(session, key, exclude=job.id)
-        if duplicate is not None:
-            session.rollback()  # nothing of this submit stays
-        else:
+        duplicate = None if force else duplicate_in(session, key)
+        if duplicate is None:
+            job = repo.create_job(session, kind=spec.kind, name=spec.name, queue=queue, spec=spec_to_dict(spec),
+                                  spec_hash=spec_hash(spec), max_attempts=settings.max_attempts,
+                                  submitted_by=submitted_by or local_user())
             record_lineage(session, job.id, key)
             if on_record is not None:
                 on_record(session, job)

@@ -72,14 +72,12 @@ def find_duplicate(key: str, settings: FarmSettings):
         return duplicate_in(session, key)
 
 
-def duplicate_in(session, key: str, exclude: str | None = None):
-    """find_duplicate within `session`'s transaction, leaving out job `exclude` (the one being recorded)."""
+def duplicate_in(session, key: str):
+    """find_duplicate within `session`'s transaction (after lock_content_key, it sees every identical job)."""
     from farm.service import job_view
 
     query = (select(Job).join(JobLineage, JobLineage.job_id == Job.id)
              .where(JobLineage.content_key == key, Job.state.in_(DEDUPE_STATES)))
-    if exclude is not None:
-        query = query.where(Job.id != exclude)
     jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(20)).all()
     # an adapter that exists beats one that may yet come
     for job in sorted(jobs, key=lambda j: j.state != SUCCEEDED):
@@ -92,10 +90,14 @@ def duplicate_in(session, key: str, exclude: str | None = None):
 
 def lock_content_key(session, key: str) -> None:
     """Serialise the transactions that record jobs of one content key, so that two identical submits at the same
-    moment cannot both miss each other: on PostgreSQL a transaction-scoped advisory lock on the key; on SQLite
-    the caller's first write already holds the database's single write lock until commit (WAL), so nothing more
-    is needed. After it, a check in the same transaction sees every identical job committed before."""
+    moment cannot both miss each other: on PostgreSQL a transaction-scoped advisory lock on the key; on SQLite the
+    database's single write lock, taken now (repository.lock_for_write) and held until commit. After it, a check in
+    the same transaction sees every identical job committed before."""
     if session.get_bind().dialect.name == "postgresql":
         from sqlalchemy import text
 
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(key[:15], 16)})
+    else:
+        from farm.catalog.repository import lock_for_write
+
+        lock_for_write(session)

@@ -156,7 +156,7 @@ def claim_cotrain_group(session: Session, job_id: str, worker: str, lease_second
     Each partner is taken with claim_job's compare-and-set, so it gets its own lease, attempt and fencing token;
     its own broker message later loses the claim as any duplicate does. [] when `job_id` itself is not claimable.
     """
-    _lock_for_write(session)
+    lock_for_write(session)
     first = claim_job(session, job_id, worker, lease_seconds)
     if first is None:
         return []
@@ -172,7 +172,7 @@ def claim_cotrain_partners(session: Session, *, kind: str, queue: str, wanted, w
     group's partners at its start, or jobs joining a running group between its steps (issue 10)."""
     if wanted is None or limit <= 0:
         return []
-    _lock_for_write(session)
+    lock_for_write(session)
     candidates = session.scalars(
         select(Job).where(Job.state.in_(CLAIMABLE_STATES), Job.kind == kind, Job.queue == queue)
         .order_by(Job.created_at, Job.id).limit(COTRAIN_CANDIDATES)
@@ -199,7 +199,7 @@ def renew_leases(session: Session, claims: list[Claim], lease_seconds: float) ->
     return states
 
 
-def _lock_for_write(session: Session) -> None:
+def lock_for_write(session: Session) -> None:
     """On SQLite, take the database's write lock now, before reading the rows this transaction will change.
 
     pysqlite runs a SELECT outside any transaction and FOR UPDATE is a no-op there, so a read-then-write could act
@@ -213,7 +213,7 @@ def _lock_for_write(session: Session) -> None:
 
 
 def _fenced(session: Session, claim: Claim, states=ACTIVE_STATES) -> Job:
-    _lock_for_write(session)
+    lock_for_write(session)
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     if job is None or job.attempt != claim.attempt or job.state not in states:
         raise StaleAttempt(
@@ -314,7 +314,7 @@ def mark_cancelled(session: Session, claim: Claim) -> None:
 
 def request_cancel(session: Session, job_id: str) -> Job:
     """Queued or recovering jobs end cancelled at once; running ones go to cancelling and their worker stops them."""
-    _lock_for_write(session)
+    lock_for_write(session)
     job = get_job(session, job_id)
     session.refresh(job, with_for_update=True)
     if job.state in TERMINAL_STATES:
@@ -330,7 +330,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
 def reap_expired_leases(session: Session, now: datetime | None = None) -> list[str]:
     """Jobs whose worker vanished: back to ``recovering`` (returned, to re-enqueue) or ``failed`` when out of attempts."""
     now = now or utcnow()
-    _lock_for_write(session)
+    lock_for_write(session)
     expired = session.scalars(
         select(Job).where(Job.state.in_(ACTIVE_STATES), Job.lease_expires_at < now).with_for_update(skip_locked=True)
     ).all()
@@ -399,7 +399,7 @@ def publish_adapter(session: Session, claim: Claim, *, files: list[dict], proven
 
     Publishing again for a job that already succeeded returns the same adapter version.
     """
-    _lock_for_write(session)
+    lock_for_write(session)
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     adapter = session.scalar(select(Adapter).where(Adapter.job_id == claim.job_id))
     if job is not None and job.state == SUCCEEDED and adapter is not None and adapter.status == READY:
