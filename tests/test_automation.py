@@ -253,8 +253,8 @@ def test_identical_submits_at_the_same_moment_queue_one_job(farm, tmp_path, tiny
     barrier = threading.Barrier(2, timeout=30)
     real_warm = broker.warm_doorbell
 
-    def warm_then_wait(settings):
-        real_warm(settings)
+    def warm_then_wait(*args, **kwargs):
+        real_warm(*args, **kwargs)
         barrier.wait()
 
     monkeypatch.setattr(broker, "warm_doorbell", warm_then_wait)
