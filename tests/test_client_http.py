@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -93,14 +92,9 @@ def start_api_server(root: Path, extra_env: dict[str, str] | None = None) -> Api
 
 
 def stop_api_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    from tests.fixtures.farm import stop_process_group
+
+    stop_process_group(proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

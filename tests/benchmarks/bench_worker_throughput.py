@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -131,17 +130,9 @@ def _wait_zygotes_idle(supervisor_pid: int, slots: int, timeout: float = 120) ->
 
 def stop_farm_worker(proc: subprocess.Popen) -> None:
     """SIGTERM the supervisor's group (it stops its workers), SIGKILL after 60 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+    from tests.fixtures.farm import stop_process_group
+
+    stop_process_group(proc, timeout=60)
 
 
 def worker_log(stack) -> str:
