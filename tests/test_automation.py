@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from farm import service
 from farm.automation import feedback, retrain, schedules, webhooks
 from farm.catalog import repository as repo
-from farm.catalog.models import FeedbackRow, Job, RetrainRun, Schedule, ScheduleFiring, utcnow
+from farm.catalog.models import FeedbackRow, Job, RetrainRun, Schedule, ScheduleFiring, WebhookDelivery, utcnow
 from farm.catalog.session import session_scope
 from farm.errors import DatasetError
 from farm.queue import queue_depths
@@ -452,10 +452,30 @@ def test_webhook_is_signed_retried_with_backoff_and_every_attempt_recorded(tmp_p
     from datetime import datetime
 
     at = [datetime.fromisoformat(a["at"]) for a in hooked["attempts"]]
-    assert (at[2] - at[1]) >= timedelta(seconds=0.4) > (at[1] - at[0]) - timedelta(seconds=0.2)  # backoff doubles
+    # an attempt is never sent before its backoff (0.2 s, then doubled) has passed since the one before it
+    assert at[1] - at[0] >= timedelta(seconds=0.2) and at[2] - at[1] >= timedelta(seconds=0.4)
     assert deliveries[farm_wide.url]["state"] == "delivered"
     webhooks.deliver_due(settings=settings)
     assert len(receiver.requests) == 3  # delivered: never sent again
+
+
+def test_webhook_backoff_doubles_from_each_attempt_and_is_capped(tmp_path, sqlite_url, redis_url, tiny_model_dir):
+    settings = make_settings(tmp_path, sqlite_url, redis_url, webhook_backoff_seconds=0.25,
+                             webhook_urls=["http://127.0.0.1:1/nothing-listens"])
+    data = write_dataset(tmp_path / "d.jsonl", "chat", n=8, seed=7)
+    job = service.submit_job(spec_for(tiny_model_dir, data, name="spaced"), settings=settings)
+    service.cancel_job(job.id, settings=settings)
+    webhooks.enqueue_ended_jobs(settings=settings)  # adds the outbox row, sends nothing
+    [delivery] = webhooks.list_deliveries(job.id, settings=settings)
+    gaps = []
+    for attempts in (0, 1, 2, 30):
+        with session_scope(settings.database_url) as session:
+            session.get(WebhookDelivery, delivery["id"]).attempts = attempts
+        sent_at = webhooks._claim(settings, delivery["id"], attempts)
+        assert webhooks._claim(settings, delivery["id"], attempts) is None  # the same attempt is taken once
+        with session_scope(settings.database_url) as session:
+            gaps.append((session.get(WebhookDelivery, delivery["id"]).next_attempt_at - sent_at).total_seconds())
+    assert gaps == [0.25, 0.5, 1.0, webhooks.MAX_BACKOFF_S]
 
 
 def test_webhook_gives_up_after_max_attempts(tmp_path, sqlite_url, redis_url, tiny_model_dir):

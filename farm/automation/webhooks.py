@@ -19,7 +19,7 @@ import hmac
 import logging
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -82,18 +82,20 @@ def enqueue_ended_jobs(*, settings: FarmSettings | None = None) -> int:
     return added
 
 
-def _claim(settings: FarmSettings, delivery_id: str, attempts: int) -> bool:
-    """Take one attempt of a delivery (compare-and-set on its attempt count); False when another sender has it."""
+def _claim(settings: FarmSettings, delivery_id: str, attempts: int) -> datetime | None:
+    """Take one attempt of a delivery (compare-and-set on its attempt count): the attempt's time, or None when
+    another sender has it. The next attempt is due `backoff` after this time, so attempts are spaced by it."""
     with session_scope(settings.database_url) as session:
         backoff = min(MAX_BACKOFF_S, settings.webhook_backoff_seconds * (2 ** attempts))
+        now = utcnow()
         result = session.execute(
             update(WebhookDelivery)
             .where(WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempts,
                    WebhookDelivery.state == PENDING)
             # until this attempt is recorded, the row is not due again (a sender that dies mid-POST retries later)
-            .values(attempts=attempts + 1, next_attempt_at=utcnow() + timedelta(seconds=backoff))
+            .values(attempts=attempts + 1, next_attempt_at=now + timedelta(seconds=backoff))
             .execution_options(synchronize_session=False))
-        return result.rowcount == 1
+        return now if result.rowcount == 1 else None
 
 
 def _post(url: str, body: bytes, headers: dict) -> tuple[int | None, str | None]:
@@ -118,7 +120,8 @@ def send_one(delivery_id: str, *, settings: FarmSettings | None = None) -> str |
         if d is None or d.state != PENDING:
             return None
         attempts, url, event, job_id = d.attempts, d.url, d.event, d.job_id
-    if not _claim(settings, delivery_id, attempts):
+    sent_at = _claim(settings, delivery_id, attempts)
+    if sent_at is None:
         return None
     body = service.get_job(job_id, settings=settings).model_dump_json().encode()
     headers = {"Content-Type": "application/json", "X-Farm-Event": event, "Idempotency-Key": delivery_id,
@@ -128,8 +131,8 @@ def send_one(delivery_id: str, *, settings: FarmSettings | None = None) -> str |
     started = time.monotonic()
     status, error = _post(url, body, headers)
     with session_scope(settings.database_url) as session:
-        session.add(WebhookAttempt(delivery_id=delivery_id, attempt=attempts + 1, status_code=status, error=error,
-                                   duration_ms=int((time.monotonic() - started) * 1000)))
+        session.add(WebhookAttempt(delivery_id=delivery_id, attempt=attempts + 1, at=sent_at, status_code=status,
+                                   error=error, duration_ms=int((time.monotonic() - started) * 1000)))
         d = session.get(WebhookDelivery, delivery_id)
         if error is None:
             d.state, d.delivered_at = DELIVERED, utcnow()
