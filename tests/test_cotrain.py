@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -205,10 +204,10 @@ def test_group_runner_joins_and_leaves_between_steps(tiny_model_dir, tmp_path):
             proc.stdin.write(json.dumps({"op": "join", "job": joiner}) + "\n")
             proc.stdin.write(json.dumps({"op": "leave", "job_id": "leaver", "reason": "cancelled"}) + "\n")
             proc.stdin.flush()
-            left_at = time.monotonic()
-        if event["type"] == "left":
-            assert time.monotonic() - left_at < 3
     assert proc.wait(timeout=60) == 0
+    # the leave is taken between steps, long before the leaver's 400 (counted in steps, not seconds: the test
+    # process may be descheduled for a few of the runner's fast steps on a loaded machine)
+    assert max(e["step"] for e in of(events, "progress", "leaver")) < 100
     assert [e["reason"] for e in of(events, "left", "leaver")] == ["cancelled"]
     assert {e["job_id"] for e in of(events, "done")} == {"first", "joiner"}
     assert len(of(events, "progress", "first")) == 20
