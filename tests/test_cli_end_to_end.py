@@ -113,6 +113,10 @@ def test_submit_wait_list_show_pull(mode, farm_stack, tiny_model_dir, tmp_path, 
     assert [(a["name"], a["version"]) for a in adapters] == [("e2e-bot", 1)]
     provenance = json.loads(farm(["adapter", "e2e-bot:1", "--json"], env).stdout)
     assert provenance["dataset_sha256"] and provenance["provenance"]["dataset"]["examples"] == 32
+    timings = provenance["provenance"]["timings"]  # where the job's time went, phase by phase
+    assert {"data_seconds", "load_seconds", "train_seconds", "save_seconds", "total_seconds"} <= set(timings)
+    detail = farm(["adapter", "e2e-bot:1"], env).stdout
+    assert f"train {timings['train_seconds']:.2f} s" in detail and "load " in detail
 
     dest = tmp_path / "pulled"
     pulled = json.loads(farm(["pull", "e2e-bot:1", str(dest), "--json"], env).stdout)

@@ -206,6 +206,10 @@ def adapter_detail(a: AdapterPublic) -> None:
     if a.metrics:
         _out().print("metrics " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in sorted(a.metrics.items()) if not isinstance(v, (dict, list))))
+    timings = (a.provenance or {}).get("timings") or {}
+    if timings:  # the runner's phases: where the job's time went
+        _out().print("timings " + ", ".join(f"{k.removesuffix('_seconds')} {v:.2f} s" for k, v in timings.items()
+                                            if isinstance(v, (int, float))))
     table = Table("file", "size", "sha256", box=None)
     for f in a.files:
         table.add_row(f.path, str(f.size), f.sha256)
