@@ -11,9 +11,9 @@ from fastapi.openapi.utils import get_openapi
 from api.deps import require_caller
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.routes import adapters, automation, datasets, health, jobs, metrics, sharing
-from api.routes import models as models_routes  # issue 13: merges, checkpoints
+from api.routes import models as models_routes  # merges, checkpoints
 from api.docs_offline import install_offline_docs
-from api.routes import console as console_routes  # issue 16: workers, logs
+from api.routes import console as console_routes  # workers, logs
 from api.ui import mount_console
 from farm import __version__ as farm_version
 from farm.errors import FarmError
@@ -30,7 +30,7 @@ def create_app(settings: FarmSettings | None = None, *, poll_seconds: float = 1.
         version=farm_version,
         description="Submit (Q)LoRA training and extraction jobs, follow them, and fetch their adapters. "
                     "Every route but /healthz needs `Authorization: Bearer <token>`.",
-        docs_url=None, redoc_url=None,  # served offline by install_offline_docs (issue 16)
+        docs_url=None, redoc_url=None,  # served offline by install_offline_docs
     )
     app.state.settings = settings or get_settings()
     app.state.poll_seconds = poll_seconds
@@ -41,9 +41,9 @@ def create_app(settings: FarmSettings | None = None, *, poll_seconds: float = 1.
     for module in (automation, jobs, adapters, datasets, metrics, sharing, models_routes):  # automation first: its /v1/adapters/{name}/x
         # paths would otherwise be taken by adapters' /{name}/{version}
         app.include_router(module.router, dependencies=authed, responses=ERROR_RESPONSES)
-    app.include_router(console_routes.router, dependencies=authed, responses=ERROR_RESPONSES)  # issue 16
-    install_offline_docs(app)  # issue 16: /docs and /redoc with the farm's own assets
-    mount_console(app)  # issue 16: the web console under /ui (cookie sessions)
+    app.include_router(console_routes.router, dependencies=authed, responses=ERROR_RESPONSES)
+    install_offline_docs(app)  # /docs and /redoc with the farm's own assets
+    mount_console(app)  # the web console under /ui (cookie sessions)
     app.openapi = lambda: _openapi(app)
     return app
 

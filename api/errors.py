@@ -44,7 +44,7 @@ STATUS_BY_ERROR: tuple[tuple[type[FarmError], int], ...] = (
     (DatasetError, 422),
     (ModelError, 422),
     (ResourceError, 422),
-    (BundleError, 422),  # issue 15: an uploaded bundle that does not verify
+    (BundleError, 422),  # an uploaded bundle that does not verify
     (AuthError, 401),
     (NotFound, 404),
     (InvalidState, 409),
@@ -90,7 +90,7 @@ def error_response(exc: FarmError) -> JSONResponse:
     status = status_for(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     body = exc.to_dict()
-    body["message"] = bound_message(body["message"])  # never more than a bounded excerpt of the input (issue 11)
+    body["message"] = bound_message(body["message"])  # never more than a bounded excerpt of the input
     if body.get("field"):
         body["field"] = bound_message(body["field"], 200)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -133,7 +133,7 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn FarmErrors and bad parameters into {"code", "message", "field"} JSON,
     the request-size limit (413, before a route reads a byte) and the redaction of secrets from the log lines of
-    uvicorn and the API (issue 11)."""
+    uvicorn and the API."""
     from api.limits import BodySizeLimit, install_log_redaction
 
     app.add_middleware(BodySizeLimit)

@@ -1,4 +1,4 @@
-"""Request-size limits (413) and secret redaction in log lines (issue 11).
+"""Request-size limits (413) and secret redaction in log lines.
 
 `BodySizeLimit` refuses a body larger than FARM_API_MAX_BODY_BYTES (FARM_API_MAX_UPLOAD_BYTES for dataset
 uploads) before a route reads it: at once when Content-Length says so, else as soon as the streamed bytes pass the
@@ -14,7 +14,7 @@ import re
 
 from farm.settings import FarmSettings, get_settings
 
-UPLOAD_ROUTES = ("/v1/datasets", "/v1/bundles")  # issue 15: bundle imports
+UPLOAD_ROUTES = ("/v1/datasets", "/v1/bundles")  # bundle imports
 """POSTs to these paths carry a dataset file or a bundle: they get the upload limit, every other request the body limit."""
 
 

@@ -45,7 +45,7 @@ def build_metadata(*, name: str, version: int, job: dict, spec: dict, done: dict
         "spec": spec,
         "base_model": {
             "ref": spec.get("base_model"),
-            # issue 13: the commit a Hub revision resolved to (or the model cache's content key), not a branch name
+            # the commit a Hub revision resolved to (or the model cache's content key), not a branch name
             "revision": inputs.get("base_model_revision") or spec.get("base_revision"),
             "requested_revision": spec.get("base_revision"),
             "source": inputs.get("base_model_source"),

@@ -40,7 +40,7 @@ class LocalClient:
     """Calls the service layer in-process (needs the catalog, broker and store settings)."""
 
     transfer_progress = None
-    """issue 16: a factory (label, total bytes) -> context manager with advance(n): bars on dataset uploads and
+    """A factory (label, total bytes) -> context manager with advance(n): bars on dataset uploads and
     pulls, as on farm.client_http.HttpClient (the CLI sets it when stderr is a terminal)."""
 
     def __init__(self, settings: FarmSettings | None = None):

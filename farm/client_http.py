@@ -100,7 +100,7 @@ class HttpClient:
 
     # ------------------------------------------------------------ plumbing
 
-    # issue 16: one network blip (a refused connection, a proxy's 502/503/504) must not abort a long
+    # one network blip (a refused connection, a proxy's 502/503/504) must not abort a long
     # `farm submit --wait`. Idempotent calls are tried again with exponential backoff; a POST is sent once.
     retries = 4
     backoff_s = 0.25
@@ -136,7 +136,7 @@ class HttpClient:
         return response.json()
 
     transfer_progress = None
-    """issue 16: a factory (label, total bytes) -> context manager with advance(n): a bar for uploads and pulls."""
+    """A factory (label, total bytes) -> context manager with advance(n): a bar for uploads and pulls."""
 
     def _transfer(self, label: str, total: int | None):
         from contextlib import contextmanager
@@ -168,7 +168,7 @@ class HttpClient:
     def submit(self, spec_path: Path, force: bool = False) -> JobPublic:
         """Load and check the spec here, upload its local datasets, then submit it (the server checks it again)."""
         spec = load_spec(spec_path)
-        for field in ("base_model", "finetuned_model"):  # issue 11: the server reads no path of ours; say it here
+        for field in ("base_model", "finetuned_model"):  # the server reads no path of ours; say it here
             ref = getattr(spec, field, None)
             if ref and ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
                 from farm.errors import ModelError
@@ -182,7 +182,7 @@ class HttpClient:
                     updates[name] = self.upload_dataset(ref, spec.dataset.format, field=f"dataset.{name}").uri
             if updates:
                 spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update=updates)})
-        params = {"force": "true"} if force else None  # issue 14: skip dedupe
+        params = {"force": "true"} if force else None  # skip dedupe
         return JobPublic.model_validate(self._call("POST", "/v1/jobs", json=spec_to_dict(spec), params=params))
 
     def upload_dataset(self, path: str | Path, fmt: str, *, field: str = "dataset.path") -> DatasetPublic:

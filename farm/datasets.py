@@ -17,7 +17,7 @@ from farm.limits import InputTooComplex, check_structure
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED_ERRORS = 5
 MAX_LINE_BYTES = 64 * 1024 * 1024
-"""Longest line (one example) accepted; a longer one is reported, not read into memory whole (issue 11)."""
+"""Longest line (one example) accepted; a longer one is reported, not read into memory whole."""
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ class AuthError(FarmError):
 
 class BundleError(FarmError):
     """An adapter bundle cannot be imported: not a tar, an unsafe member, incomplete, or its manifest does not
-    match its bytes (issue 15). Nothing was written."""
+    match its bytes. Nothing was written."""
 
     code = "invalid_bundle"
     retryable, invalid_input = False, True
@@ -178,7 +178,7 @@ class EvictedForMemory(FarmError):
 
 class OutOfMemory(FarmError):
     """Training could not allocate memory (CUDA's or the CPU allocator's); the next attempt resumes with half the
-    micro-batch and twice the accumulation (farm.automation.oom, issue 14), until micro-batch 1."""
+    micro-batch and twice the accumulation (farm.automation.oom), until micro-batch 1."""
 
     code = "out_of_memory"
 

@@ -49,7 +49,7 @@ class JobKind:
     """What the worker fetches to local disk before it starts the runner, in order."""
     publishes: Literal["adapter", "model"] = "adapter"
     """What its output becomes: "adapter", a new adapter version in the catalog (workers/publish.py); "model", a
-    merged model (a catalog entry of kind merge, issue 13)."""
+    merged model (a catalog entry of kind merge)."""
     parent_field: str | None = None
     """The spec field naming the adapter it continues from (recorded as lineage when published), if any."""
     card_title: str = "adapter"
@@ -135,7 +135,7 @@ register(JobKind(
             JobInput("finetuned_model", "model", "finetuned_model")),
     card_title="LoRA extracted by SVD", hub_tag="extracted-lora",
 ))
-# issue 13: merge an adapter into its base (farm/merge/); the base and its revision are pinned in the spec at submit
+# merge an adapter into its base (farm/merge/); the base and its revision are pinned in the spec at submit
 from farm.merge.spec import MergeSpec  # noqa: E402  (farm.merge.spec imports farm.specs, never this module)
 
 register(JobKind(

@@ -1,4 +1,4 @@
-"""Bounds on what untrusted input may look like, checked before anything else reads it (issue 11).
+"""Bounds on what untrusted input may look like, checked before anything else reads it.
 
 Specs and dataset lines come from people and, over the API, from anyone holding a token. These bounds keep a
 hostile input from costing more than it is worth: nesting depth (deep JSON or YAML otherwise ends in a

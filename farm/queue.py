@@ -40,7 +40,7 @@ def make_celery_app(settings: FarmSettings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # issue 12: the pool process only supervises (torch lives in the runner and its zygote, never here), so it
+        # the pool process only supervises (torch lives in the runner and its zygote, never here), so it
         # is kept between jobs: a fresh one per job left the worker idle until the pool's next 5 s check.
         worker_max_tasks_per_child=None,
         worker_send_task_events=True,
@@ -99,7 +99,7 @@ def ring_doorbell(job_id: str, queue: str, *, settings: FarmSettings | None = No
     if label is None:
         label = task_label(job_id, settings)
     app_for(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, countdown=countdown,
-                                shadow=label)  # issue 16: Flower shows the farm's names
+                                shadow=label)  # Flower shows the farm's names
 
 
 def task_label(job_id: str, settings: FarmSettings | None = None) -> str | None:
@@ -133,7 +133,7 @@ def job_ids_in_broker(queues: list[str], broker_url: str | None = None, *,
     Reads kombu's Redis layout (a list per queue, the `unacked` hash); a job that the catalog says is waiting but
     that has no message here lost its doorbell. With `unacked_within`, only unacknowledged messages delivered in
     the last that many seconds count (kombu's `unacked_index` holds each delivery's time): a worker that took a
-    message longer ago and still has not claimed its job is stuck, and the job needs a new doorbell (issue 11).
+    message longer ago and still has not claimed its job is stuck, and the job needs a new doorbell.
     """
     import base64
     import json
@@ -144,7 +144,7 @@ def job_ids_in_broker(queues: list[str], broker_url: str | None = None, *,
     raw = [m for q in queues for m in client.lrange(q, 0, -1)]
     if unacked_within is None:
         held = client.hvals("unacked")
-    else:  # issue 11: a message delivered longer ago whose job is still waiting was never claimed: not counted
+    else:  # a message delivered longer ago whose job is still waiting was never claimed: not counted
         import time
 
         tags = client.zrangebyscore("unacked_index", time.time() - unacked_within, "+inf")

@@ -9,7 +9,7 @@ A line starting with ``@@farm `` carries one event; every other line is a log li
 - ``done``: metrics (summary), provenance (base/dataset/source hashes, environment, timings, integrity)
 - ``error``: code, message
 
-A co-training runner (workers/cotrain_runner.py, issue 10) speaks for several jobs: each event carries ``job_id``,
+A co-training runner (workers/cotrain_runner.py) speaks for several jobs: each event carries ``job_id``,
 ``progress`` carries ``group_size``, and ``left`` (job_id, reason) answers a leave request read from its stdin.
 
 The job file the supervisor writes for the runner (``job.json``) holds: job_id, attempt, spec (resolved),

@@ -125,15 +125,15 @@ class JobPublic(_Public):
     spec: dict
     """The resolved spec, every default filled in."""
     notes: list[str] = []
-    """What the submit-time checks could not verify (a Hub model not in the producer's cache, say); issue 13."""
+    """What the submit-time checks could not verify (a Hub model not in the producer's cache, say)."""
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
     deduplicated: bool = False
     """Set on a submit's answer when an identical job (same kind, spec apart from the name, base model hash and
-    dataset digest) had succeeded or was in flight: that job is returned and nothing new was queued (issue 14)."""
+    dataset digest) had succeeded or was in flight: that job is returned and nothing new was queued."""
     cotraining: dict | None = None
-    """For a job trained together with others on one shared base (issue 10): `cotrained_with` (their job ids) and
+    """For a job trained together with others on one shared base: `cotrained_with` (their job ids) and
     `group_sizes` (the group's size from each step on where it changed), from its adapter's provenance."""
 
 

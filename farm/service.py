@@ -46,7 +46,7 @@ def job_view(job: Job, adapter: Adapter | None = None) -> JobPublic:
     view = JobPublic.model_validate(job).model_copy(update={"error": error})
     if adapter is not None:
         view.adapter = f"{adapter.name}:{adapter.version}"
-        view.cotraining = (adapter.provenance or {}).get("cotraining")  # issue 10
+        view.cotraining = (adapter.provenance or {}).get("cotraining")
     return view
 
 
@@ -74,7 +74,7 @@ def store_dataset(path: str | Path, fmt: str, *, settings: FarmSettings | None =
     if not store.exists(key):
         from farm.store.progress import CountingStore, counted_transfer
 
-        with counted_transfer(f"upload {Path(path).name}", info.size) as advance:  # issue 16: the CLI's bar
+        with counted_transfer(f"upload {Path(path).name}", info.size) as advance:  # the CLI's bar
             stored = (CountingStore(store, advance) if advance else store).put_file(Path(path), key)
         if stored.sha256 != info.sha256:
             raise DatasetError(f"{path}: file changed while it was being uploaded; submit again")
@@ -84,7 +84,7 @@ def store_dataset(path: str | Path, fmt: str, *, settings: FarmSettings | None =
 def _check_store_dataset(ref: str, fmt: str, settings: FarmSettings) -> DatasetPublic:
     from farm.trust import check_store_ref
 
-    key = check_store_ref(ref, "dataset.path")  # issue 11: a key with '..' is a bad request, not a store failure
+    key = check_store_ref(ref, "dataset.path")  # a key with '..' is a bad request, not a store failure
     store = _store(settings)
     if not store.exists(key):
         raise DatasetError(f"{ref}: no such dataset in the farm's store; upload it with `farm submit` from a local"
@@ -113,7 +113,7 @@ def _resolve_dataset(ref: str, fmt: str, settings: FarmSettings, field: str) -> 
 
 def _check_base_model(ref: str, target_modules, field: str, revision: str | None = None,
                       settings: FarmSettings | None = None) -> list[str]:
-    """Check the base model at the door; returns sentences naming what could not be checked here (issue 13)."""
+    """Check the base model at the door; returns sentences naming what could not be checked here."""
     from farm import model_files
 
     model_dir = model_files.resolve_model_dir(ref)
@@ -176,19 +176,19 @@ def submit_job(spec: TrainSpec | ExtractSpec | dict | str | Path, *, submitted_b
     A bad spec, dataset or model raises a FarmError naming the field or the file and line; then no job row, no
     message and no half-written object exists. A job identical in content to one that succeeded or is in flight
     is not queued again: that job comes back with `deduplicated` set, unless `force`. `on_record(session, job)`
-    runs in the transaction that records the job (issue 14: retraining and schedules mark what started it there).
-    `remote` (the HTTP API): the caller may not name the server's files (farm.trust, issue 11).
+    runs in the transaction that records the job (retraining and schedules mark what started it there).
+    `remote` (the HTTP API): the caller may not name the server's files (farm.trust).
     """
     settings = settings or get_settings()
     if isinstance(spec, (str, Path)):
         spec = load_spec(spec)
     elif isinstance(spec, dict):
         spec = parse_spec(spec)
-    if remote:  # issue 11: datasets are uploads or store: refs, local models only under FARM_MODEL_ROOTS
+    if remote:  # datasets are uploads or store: refs, local models only under FARM_MODEL_ROOTS
         from farm.trust import check_remote_spec
 
         check_remote_spec(spec, settings)
-    notes: list[str] = []  # issue 13: what the door could not check
+    notes: list[str] = []  # what the door could not check
     spec = validate_spec(spec, settings, notes)
     queue = queue_for(spec)
     from farm.automation.dedupe import content_key, duplicate_in, find_duplicate, lock_content_key, record_lineage
@@ -234,7 +234,7 @@ def ring_or_withdraw(view: JobPublic, queue: str, settings: FarmSettings) -> Job
             ring_doorbell(view.id, queue, settings=settings, label=label)
     except Exception as exc:  # the broker is down: take the row back so nothing half-done stays
         with session_scope(settings.database_url) as session:
-            session.delete(session.get(Job, view.id))
+            repo.delete_job(session, view.id)
         raise FarmError(f"cannot reach the broker at FARM_BROKER_URL ({type(exc).__name__}: {exc}); "
                         "start it with `farm up` or fix the URL. Nothing was submitted.") from None
     return view
@@ -308,7 +308,7 @@ def reap_lost_jobs(*, settings: FarmSettings | None = None) -> list[str]:
         queues = {j.id: j.queue for j in (session.get(Job, i) for i in requeue)}
         quiet = repo.waiting_jobs(session, utcnow() - timedelta(seconds=settings.requeue_after_seconds))
     if quiet:
-        # issue 11: a message held unacked for as long as the job has been quiet was taken by a stuck worker
+        # a message held unacked for as long as the job has been quiet was taken by a stuck worker
         in_broker = job_ids_in_broker(sorted({q for _, q in quiet}), settings.broker_url,
                                       unacked_within=settings.requeue_after_seconds)
         queues.update({job_id: queue for job_id, queue in quiet if job_id not in in_broker})
@@ -361,7 +361,7 @@ def pull_adapter(ref: str, dest: str | Path, *, settings: FarmSettings | None = 
     name, _ = parse_adapter_ref(ref)
     expected = {f.path: f.sha256 for f in view.files}
     store = _store(settings)
-    if on_bytes is not None:  # issue 16: progress of `farm pull`
+    if on_bytes is not None:  # progress of `farm pull`
         from farm.store.progress import CountingStore
 
         store = CountingStore(store, on_bytes)

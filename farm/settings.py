@@ -66,7 +66,7 @@ class FarmSettings(BaseModel):
     s3_region: str | None = Field(None, description="S3 region name.")
     work_dir: Path = Field(Path(".farm/work"), description="Scratch space of workers (job inputs, outputs).")
     cache_dir: Path = Field(Path(".farm/cache"), description="Worker cache of downloaded models and datasets.")
-    # issue 13: the s3:// and farm: model cache under cache_dir/models is bounded; least recently used goes first
+    # the s3:// and farm: model cache under cache_dir/models is bounded; least recently used goes first
     model_cache_max_gb: float = Field(200.0, gt=0, description="Size bound of the worker's model cache (GiB).")
 
     lease_seconds: int = Field(120, ge=5, description="How long a claim lasts without a heartbeat.")
@@ -85,14 +85,14 @@ class FarmSettings(BaseModel):
         default_factory=dict, description="API tokens as a JSON object name -> token."
     )
     flower_basic_auth: SecretStr | None = Field(None, description="user:password for Flower.")
-    # issue 15: routing and sharing
+    # routing and sharing
     router_model: str | None = Field(None, description=(
         "Folder of a sentence-transformers model: `farm route` embeds profiles and queries with it instead of BM25."))
     router_threshold: float | None = Field(None, ge=0, le=1, description=(
         "Confidence below which no adapter fits a query (default 0.05 for BM25, 0.3 for embeddings)."))
     bundle_max_bytes: int = Field(
         16 * 1024 ** 3, ge=1024, description="Largest adapter bundle `farm import` reads (all files together).")
-    # issue 14: webhooks, schedules
+    # webhooks, schedules
     webhook_urls: list[str] = Field(default_factory=list, description=(
         "JSON list of URLs told about every job's end (besides a spec's notify.url)."))
     webhook_secret: SecretStr | None = Field(None, description="Key of the X-Farm-Signature HMAC-SHA256 of the body.")
@@ -104,11 +104,11 @@ class FarmSettings(BaseModel):
     runner_memory_limit_mb: int | None = Field(None, ge=256, description=(
         "Cap on a runner's address space (RLIMIT_AS); a job that needs more runs out of memory and is retried "
         "with a halved micro-batch."))
-    # issue 10: co-training
+    # co-training
     cotrain_max: int = Field(4, ge=1, le=64, description=(
         "Most training jobs one worker trains together on one shared base (same base, quantization, dtype, "
         "devices); 1 turns co-training off."))
-    # issue 11: the API's trust boundary and limits
+    # the API's trust boundary and limits
     model_roots: list[Path] = Field(default_factory=list, description=(
         "JSON list of folders under which an API caller may name a local base model; none: no local paths."))
     api_max_body_bytes: int = Field(
@@ -127,7 +127,7 @@ class FarmSettings(BaseModel):
 
     @model_validator(mode="after")
     def _under_home(self) -> FarmSettings:
-        # issue 16: FARM_HOME is the one home of the farm's local state; what is not set on its own lives there.
+        # FARM_HOME is the one home of the farm's local state; what is not set on its own lives there.
         home = self.home
         derived = {"database_url": f"sqlite:///{home}/catalog.db", "store_url": f"file://{home}/store",
                    "work_dir": home / "work", "cache_dir": home / "cache"}

@@ -168,7 +168,7 @@ class ResourcesSpec(_Spec):
 
 
 class RetrainSpec(_Spec):
-    """Retrain the adapter from its feedback pool (`farm feedback`) without a person at the keyboard (issue 14)."""
+    """Retrain the adapter from its feedback pool (`farm feedback`) without a person at the keyboard."""
 
     every: int = Field(16, ge=1, le=1_000_000)
     """Start one `continue_from: NAME:<latest>` job each time the pool holds this many new rows."""
@@ -179,7 +179,7 @@ class RetrainSpec(_Spec):
 
 
 class NotifySpec(_Spec):
-    """A webhook told when the job ends (issue 14): POST of the job's public view, signed with FARM_WEBHOOK_SECRET."""
+    """A webhook told when the job ends: POST of the job's public view, signed with FARM_WEBHOOK_SECRET."""
 
     url: str = Field(pattern=r"^https?://", max_length=2048)
     """http(s) URL that receives the POST."""
@@ -195,9 +195,9 @@ class TrainSpec(_Spec):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     """Adapter name: lowercase letters, digits, '-' and '_', at most 64 characters; each success adds a version."""
     description: str | None = Field(None, max_length=2000)
-    """What the adapter is for, in a sentence or two: `farm route` matches requests against it (issue 15)."""
+    """What the adapter is for, in a sentence or two: `farm route` matches requests against it."""
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
-    """Topic words for routing and listing, like [sql, postgres] (issue 15)."""
+    """Topic words for routing and listing, like [sql, postgres]."""
     base_model: str = Field(min_length=1)
     """Base model: a local folder, s3://bucket/prefix, a Hub id (org/name; the worker downloads it) or farm:NAME:V (a merged model)."""
     base_revision: str | None = None
@@ -219,9 +219,9 @@ class TrainSpec(_Spec):
     resources: ResourcesSpec = ResourcesSpec()
     """Devices the job needs."""
     retrain: RetrainSpec | None = None
-    """Retrain from the adapter's feedback pool every N new rows (issue 14; `farm retrain` overrides it)."""
+    """Retrain from the adapter's feedback pool every N new rows (`farm retrain` overrides it)."""
     notify: NotifySpec | None = None
-    """Webhook told when the job ends (issue 14)."""
+    """Webhook told when the job ends."""
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -253,9 +253,9 @@ class ExtractSpec(_Spec):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     """Adapter name (same rules as training)."""
     description: str | None = Field(None, max_length=2000)
-    """What the adapter is for: `farm route` matches requests against it (issue 15)."""
+    """What the adapter is for: `farm route` matches requests against it."""
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=32)
-    """Topic words for routing and listing (issue 15)."""
+    """Topic words for routing and listing."""
     base_model: str = Field(min_length=1)
     """Base model: local directory, s3://bucket/prefix, or hub id."""
     finetuned_model: str = Field(min_length=1)
@@ -273,7 +273,7 @@ class ExtractSpec(_Spec):
     resources: ResourcesSpec = ResourcesSpec()
     """Devices the job needs."""
     notify: NotifySpec | None = None
-    """Webhook told when the job ends (issue 14)."""
+    """Webhook told when the job ends."""
 
     @model_validator(mode="after")
     def _rank_or_energy(self):
@@ -305,7 +305,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown key (check its spelling; see `farm spec`)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        if len(loc) > EXCERPT_CHARS:  # keys come from the input: quote an excerpt only (issue 11)
+        if len(loc) > EXCERPT_CHARS:  # keys come from the input: quote an excerpt only
             loc = loc[:EXCERPT_CHARS] + "..."
         lines.append(f"{source}: {loc or '(top level)'}: {bound_message(msg, 300)}")
     if len(lines) > 20:
@@ -317,7 +317,7 @@ def parse_spec(data: object, source: str = "spec") -> TrainSpec | ExtractSpec:
     """Validate a spec given as a mapping; raise SpecError naming every bad field."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
-    try:  # deep nesting, NUL characters, huge numbers: refused before pydantic sees them (issue 11)
+    try:  # deep nesting, NUL characters, huge numbers: refused before pydantic sees them
         check_structure(data)
     except InputTooComplex as exc:
         raise SpecError(f"{source}: {exc}") from None
@@ -327,7 +327,7 @@ def parse_spec(data: object, source: str = "spec") -> TrainSpec | ExtractSpec:
 
     if data.get("kind") not in kind_names():
         raise SpecError(f"{source}: kind: must be 'train' or 'extract', got {excerpt(data.get('kind'))}", field="kind")
-    if data.get("kind") == "merge":  # issue 13: a merge names an adapter, the farm fills in the rest
+    if data.get("kind") == "merge":  # a merge names an adapter, the farm fills in the rest
         raise SpecError(f"{source}: kind: merge jobs are submitted with `farm merge NAME[:VERSION]` or POST "
                         "/v1/merges", field="kind")
     try:
@@ -348,7 +348,7 @@ def load_spec(path: str | Path) -> TrainSpec | ExtractSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read spec file: {exc}") from None
     try:
-        data = load_yaml(text)  # safe_load with an alias, size and depth budget (issue 11)
+        data = load_yaml(text)  # safe_load with an alias, size and depth budget
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

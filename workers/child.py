@@ -70,7 +70,7 @@ def watch(proc: subprocess.Popen, reader: threading.Thread, *, heartbeat: Callab
           heartbeat_seconds: float, timeout_minutes: float | None, stop_requested: threading.Event,
           lost: Callable[[], bool], cancel_check: Callable[[], bool] | None = None) -> ChildExit:
     """Wait for the runner; every `heartbeat_seconds` call `heartbeat`, which returns a reason to stop (or None),
-    and every CANCEL_POLL_SECONDS `cancel_check` (a cheap read: True once the job is being cancelled; issue 11).
+    and every CANCEL_POLL_SECONDS `cancel_check` (a cheap read: True once the job is being cancelled).
 
     On leaving, for whatever reason, the runner's group is killed if it still runs (a cancelled one with a short
     grace), and the `reader` thread (relaying its output) gets up to 30 s to drain what the runner wrote.

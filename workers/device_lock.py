@@ -22,7 +22,7 @@ class DeviceBusy(FarmError):
     """A device this supervisor was asked for is already held by another worker supervisor on this host.
 
     `holder_gone`: the supervisor that took it is dead and only its orphaned worker still holds the lock (it hands
-    its job back and exits on its own); a new supervisor waits for the device then (issue 11).
+    its job back and exits on its own); a new supervisor waits for the device then.
     """
 
     code = "device_busy"

@@ -66,7 +66,7 @@ def fetch_adapter(ref: str, dest: Path, settings: FarmSettings) -> Path:
 
 
 def _fetch(fetch: str, ref: str, attempt_dir: Path, job_key: str, settings: FarmSettings, doc: dict) -> str:
-    if fetch == "model":  # issue 13: the resolved revision and whether it was downloaded go to the provenance
+    if fetch == "model":  # the resolved revision and whether it was downloaded go to the provenance
         revision = doc["spec"].get("base_revision") if job_key == "base_model" else None
         got = fetch_model(ref, settings, revision=revision)
         doc[f"{job_key}_revision"], doc[f"{job_key}_source"] = got.revision, got.source

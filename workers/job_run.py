@@ -32,7 +32,7 @@ from workers import inputs
 from workers.child import CANCELLED, LOST, watch
 from workers.launch import WarmRunner, start_runner
 from workers.outcome import Outcome, decide, record_failure
-from workers.job_logs import LogUploader  # issue 16
+from workers.job_logs import LogUploader
 from workers.relay import EventRelay
 
 log = logging.getLogger("farm.worker")
@@ -61,7 +61,7 @@ class JobRun:
         self.dir = Path(settings.work_dir).resolve() / claim.job_id / f"attempt-{claim.attempt}"
         self.lost = False
         self.relay = EventRelay(claim.job_id, settings, self.write, on_progress or (lambda event: None))
-        # issue 16: the runner's whole log, kept in the store (`farm logs`)
+        # the runner's whole log, kept in the store (`farm logs`)
         self.logs = LogUploader(settings, claim.job_id, claim.attempt, self.dir / "runner.log")
         self.relay.log_file = self.logs.path
         self._db_lock = threading.Lock()
@@ -92,7 +92,7 @@ class JobRun:
             return self.fail(Outcome.failed(InputFetchFailed(f"{type(exc).__name__}: {exc}")))
         timeout_minutes = spec.get("resources", {}).get("timeout_minutes")
         child = self._supervise(job_file, spec, timeout_minutes)
-        self.logs.sync()  # issue 16: the attempt's last lines, before its outcome is recorded
+        self.logs.sync()  # the attempt's last lines, before its outcome is recorded
         outcome = decide(child, self.relay, lost=self.lost, timeout_minutes=timeout_minutes)
         if outcome.kind == "lost":
             return "lost"
@@ -115,7 +115,7 @@ class JobRun:
             return info, dict(job.spec), (ckpt.prefix, ckpt.step) if ckpt else None
 
     def _supervise(self, job_file: Path, spec: dict, timeout_minutes: float | None):
-        proc = start_runner(job_file, spec, self.dir)  # issue 12: forked warm from the zygote when it can be
+        proc = start_runner(job_file, spec, self.dir)  # forked warm from the zygote when it can be
         log.info("job %s attempt %d: runner pid %d (%s): %s", self.claim.job_id, self.claim.attempt, proc.pid,
                  "warm" if isinstance(proc, WarmRunner) else "cold", " ".join(map(str, proc.args)))
         reader = threading.Thread(target=self.relay.read, args=(proc,), daemon=True)
@@ -125,7 +125,7 @@ class JobRun:
                      cancel_check=self._cancel_requested)
 
     def _cancel_requested(self) -> bool:
-        """issue 11: whether the job is being cancelled, read between heartbeats (one indexed SELECT), so a cancel
+        """Whether the job is being cancelled, read between heartbeats (one indexed SELECT), so a cancel
         stops the runner within about a second instead of at the next heartbeat."""
         from sqlalchemy import select
 
@@ -139,7 +139,7 @@ class JobRun:
 
     def _heartbeat(self) -> str | None:
         """Renew the lease; a reason to stop the runner when the job is being cancelled or was taken over."""
-        self.logs.sync()  # issue 16: `farm logs -f` follows the attempt as it runs
+        self.logs.sync()  # `farm logs -f` follows the attempt as it runs
         try:
             if self.write(repo.renew_lease, self.settings.lease_seconds) == CANCELLING:
                 return CANCELLED
@@ -171,7 +171,7 @@ class JobRun:
             return self.fail(Outcome.failed(PublishFailed(f"{type(exc).__name__}: {exc}")))
         log.info("job %s published %s", self.claim.job_id, published)
         shutil.rmtree(self.dir, ignore_errors=True)
-        try:  # issue 13: the job's checkpoints go after publishing unless training.keep_checkpoints_after_publish
+        try:  # the job's checkpoints go after publishing unless training.keep_checkpoints_after_publish
             from farm.checkpoints import prune_after_publish
 
             prune_after_publish(self.claim.job_id, settings=self.settings)

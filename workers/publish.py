@@ -53,7 +53,7 @@ def publish_adapter(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> 
             parent_id = repo.get_adapter(session, *parse_adapter_ref(parent_ref)).id
     meta = build_metadata(name=name, version=version, job=out.job_info, spec=spec, done=out.done,
                           inputs=out.job_doc)
-    with session_scope(settings.database_url) as session:  # issue 14: what started it; out-of-memory halvings
+    with session_scope(settings.database_url) as session:  # what started it; out-of-memory halvings
         from farm.automation.oom import oom_history
         from farm.automation.retrain import job_lineage
 
@@ -62,7 +62,7 @@ def publish_adapter(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> 
             meta["oom_retries"] = retries
     write_artifact_docs(out.output_dir, meta)
     files = upload_tree(open_store(settings.store_url, settings), out.output_dir, prefix)
-    from farm.profiles import record_profile  # issue 15: routing profile, ready with the version; never raises
+    from farm.profiles import record_profile  # routing profile, ready with the version; never raises
 
     record_profile(name, version, dataset_path=out.job_doc.get("dataset"), settings=settings)
     dataset = meta.get("dataset", {})
@@ -77,7 +77,7 @@ def publish_adapter(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> 
 
 
 def publish_model(settings: FarmSettings, claim: Claim, out: RunnerOutput) -> str:
-    """A merged model (issue 13): a catalog entry of kind merge with its checksums and lineage."""
+    """A merged model: a catalog entry of kind merge with its checksums and lineage."""
     from farm.merge.publish import publish_merged_model
 
     return publish_merged_model(settings, claim, out)
@@ -89,7 +89,7 @@ PUBLISHERS: dict[str, Callable[[FarmSettings, Claim, RunnerOutput], str]] = {"ad
 
 
 PUBLISHING = "publishing"
-"""issue 16: the progress phase while the output is uploaded and recorded (the CLI's --wait bar and /ui show it)."""
+"""The progress phase while the output is uploaded and recorded (the CLI's --wait bar and /ui show it)."""
 
 
 def mark_publishing(settings: FarmSettings, claim: Claim) -> None:

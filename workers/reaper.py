@@ -7,11 +7,11 @@ Every `interval` (FARM_REAPER_INTERVAL_SECONDS; default a quarter of FARM_LEASE_
 for FARM_REQUEUE_AFTER_SECONDS whose message is gone from the broker, or is held unacknowledged by a worker that
 never claimed it, gets a new doorbell. Transitions are compare-and-set in the catalog, so any number of reapers may run.
 
-Why a process and not a thread in the Celery worker (issue 11): the prefork pool forks a fresh child after every
+Why a process and not a thread in the Celery worker: the prefork pool forks a fresh child after every
 job (`worker_max_tasks_per_child=1`), and a thread running in the forking process may hold a lock at that moment
 (an import lock, a logging lock, a connection pool's) that the child inherits held and waits on forever. So no
 thread runs in a process that forks: `farm worker`'s supervisor starts this process beside its workers (and
-restarts it if it dies); it forks nothing. The job webhooks' sender (issue 14) runs here too, as a thread: safe in
+restarts it if it dies); it forks nothing. The job webhooks' sender runs here too, as a thread: safe in
 a process that never forks, and out of the reaper's way when a webhook endpoint is slow.
 """
 

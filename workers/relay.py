@@ -42,7 +42,7 @@ class EventRelay:
         self.error: dict | None = None
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.log_file: Path | None = None
-        """issue 16: where the attempt's whole log is kept (uploaded to the store by workers/job_logs.py)."""
+        """Where the attempt's whole log is kept (uploaded to the store by workers/job_logs.py)."""
 
     def read(self, proc: subprocess.Popen) -> None:
         """Relay every line the runner writes until it closes its stdout."""
@@ -90,7 +90,7 @@ class EventRelay:
 
     def upload_checkpoint(self, step: int, path: Path, metrics: dict | None = None) -> None:
         """Upload a checkpoint folder (checksums.json last), record it, then free the local copy; older ones beyond
-        training.keep_checkpoints leave the store (issue 13)."""
+        training.keep_checkpoints leave the store."""
         from farm.store import open_store
         from farm.store.transfer import upload_tree
 

@@ -40,7 +40,7 @@ def limit_threads() -> int:
 
 
 def limit_memory() -> None:
-    """Cap this runner's address space at FARM_RUNNER_MEMORY_LIMIT_MB (RLIMIT_AS) when set (issue 14): a job that
+    """Cap this runner's address space at FARM_RUNNER_MEMORY_LIMIT_MB (RLIMIT_AS) when set: a job that
     needs more fails to allocate, and is retried with a smaller micro-batch. For CPU runners: CUDA reserves more
     address space than any sensible cap, and a GPU's own memory is its limit."""
     from farm.settings import get_settings
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({"type": "error", "code": exc.code, "message": exc.message})
         return 1
     except Exception as exc:
-        from farm.automation.oom import OOM_CODE, is_out_of_memory  # issue 14: retried with a smaller micro-batch
+        from farm.automation.oom import OOM_CODE, is_out_of_memory  # retried with a smaller micro-batch
 
         lines = traceback.format_exc().rstrip().splitlines()[-TRACEBACK_LINES:]
         code = OOM_CODE if is_out_of_memory(exc) else "runner_crashed"
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_now(status: int) -> None:
-    """Leave as soon as the output is flushed (issue 12): every file is closed and `done` or `error` is sent by
+    """Leave as soon as the output is flushed: every file is closed and `done` or `error` is sent by
     now, and the interpreter's teardown (finalising torch, threads, modules) cost seconds after a job. One process
     only: the ranks of a multi-process job leave the ordinary way, after their collectives."""
     sys.stdout.flush()

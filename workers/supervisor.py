@@ -10,7 +10,7 @@ runner in its own session) is re-parented to the supervisor, which kills it, so 
 
 A supervisor killed outright (SIGKILL, OOM) leaves its workers a parent-death signal, SIGQUIT: Celery's cold
 shutdown, which sends the running task's pool process SIGTERM, so the job is handed back (`recovering`, resumed
-from its checkpoint) within seconds and the worker exits (issue 11). A supervisor started meanwhile finds the
+from its checkpoint) within seconds and the worker exits. A supervisor started meanwhile finds the
 device lock still held by that orphan: it says so and waits for the slot instead of exiting.
 
 It also runs the lease reaper (workers/reaper.py) as a process of its own, restarted like a worker: no thread
@@ -79,7 +79,7 @@ class _Worker:
 def _quit_with_parent() -> None:  # runs in a Celery worker between fork and exec
     # A supervisor killed outright (SIGKILL, OOM): SIGQUIT is Celery's cold shutdown, which SIGTERMs the running
     # task's pool process (its handler stops the runner and hands the job back) and then exits. SIGTERM would be
-    # a warm shutdown that lets the job train to its end, holding the device (issue 11).
+    # a warm shutdown that lets the job train to its end, holding the device.
     set_parent_death_signal(signal.SIGQUIT)
 
 

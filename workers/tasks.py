@@ -24,13 +24,14 @@ def worker_name(task=None) -> str:
     return f"{hostname}/pid{os.getpid()}"
 
 
-@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, throws=(JobFailed,))  # throws: issue 16
+# throws: a failed job's task is a FAILURE logged in one line, without a traceback (see _end_task_as_job)
+@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, throws=(JobFailed,))
 def run_job(self, job_id: str) -> dict:
     """Claim the job in the catalog (a duplicate delivery loses and returns) and supervise one attempt of it."""
     from workers.job_run import JobRun
 
     settings = get_settings()
-    if settings.cotrain_max > 1:  # issue 10: compatible waiting jobs are claimed with it, to train together
+    if settings.cotrain_max > 1:  # compatible waiting jobs are claimed with it, to train together
         from workers.cotrain_run import claim_group
 
         claims = claim_group(job_id, worker_name(self), settings)
@@ -40,7 +41,7 @@ def run_job(self, job_id: str) -> dict:
     claim = claims[0] if claims else None
     if claim is None:
         log.info("job %s: not claimable (already taken, finished or cancelled); skipping", job_id)
-        _end_skipped_task_as_job(self, job_id, settings)  # issue 16
+        _end_skipped_task_as_job(self, job_id, settings)
         return {"job_id": job_id, "skipped": True}
 
     # Progress arrives on the runner-reader thread, where Celery's task request (thread-local) is not set, so the
@@ -56,7 +57,7 @@ def run_job(self, job_id: str) -> dict:
             log.debug("progress event not sent: %s", exc)
 
     global _current_run
-    if len(claims) > 1:  # issue 10: one runner for the group; each job keeps its own attempt and outcome
+    if len(claims) > 1:  # one runner for the group; each job keeps its own attempt and outcome
         from workers.cotrain_run import GroupRun
 
         _current_run = GroupRun(claims, settings, on_progress=lambda job, attempt, event: relay(event, job, attempt))
@@ -68,7 +69,7 @@ def run_job(self, job_id: str) -> dict:
         state = _current_run.run()
         if isinstance(state, dict):  # a co-trained group: this message's own job decides the task's state
             state = state.get(job_id, "succeeded")
-        _end_task_as_job(dispatcher, request_id, job_id, state, settings)  # issue 16
+        _end_task_as_job(dispatcher, request_id, job_id, state, settings)
     finally:
         _current_run = None
         signal.signal(signal.SIGTERM, previous)
@@ -103,7 +104,7 @@ def _end_skipped_task_as_job(task, job_id: str, settings) -> None:
 
 
 def _end_task_as_job(dispatcher, request_id: str, job_id: str, state: str, settings) -> None:
-    """issue 16: the Celery task ends in the state that matches the job's, so Flower tells the truth.
+    """The Celery task ends in the state that matches the job's, so Flower tells the truth.
 
     succeeded -> SUCCESS (return normally); failed -> FAILURE (JobFailed, one line in the log, no traceback);
     cancelled -> CANCELLED and handed back / lost -> RETRY (the event Flower reads, then Ignore: the message is
@@ -139,15 +140,14 @@ def _stop_current_run(signum, frame):
     run.stop_requested.set()
 
 
-# issue 11: no thread runs in this process. The prefork pool forks its children from it, and a thread holding a
-# lock at that moment (an import lock, a logging lock) leaves the child blocked on it for good. The lease reaper and
-# the webhook sender (issue 14) run in the reaper process (workers/reaper.py) that `farm worker` starts beside its
-# workers.
+# No thread runs in this process. The prefork pool forks its children from it, and a thread holding a lock at that
+# moment (an import lock, a logging lock) leaves the child blocked on it for good. The lease reaper and the webhook
+# sender run in the reaper process (workers/reaper.py) that `farm worker` starts beside its workers.
 
 
 @worker_process_init.connect
 def _start_zygote(**_):
-    """issue 12: the pool process (kept between jobs) starts its zygote now, so the imports of torch, transformers
+    """The pool process (kept between jobs) starts its zygote now, so the imports of torch, transformers
     and peft happen while the worker waits for work, not when a job arrives (workers/launch.py)."""
     from workers.launch import Zygote
 

@@ -60,7 +60,7 @@ def download_adapter_file(name: str, version: str, path: str, settings: Settings
     headers = {"X-Farm-Sha256": entry.sha256}
     store = open_store(settings.store_url, settings)
     filename = Path(entry.path).name
-    # Every store, file:// too: copy to a temp file, checked against the catalog before a byte is served (issue 11).
+    # Every store, file:// too: copy to a temp file, checked against the catalog before a byte is served.
     tmp = Path(tempfile.mkdtemp(prefix="farm-download-"))
     what = f"{entry.path} of adapter {view.name}:{view.version}"
     try:

@@ -1,4 +1,4 @@
-"""Issue 14: feedback and retraining, lineage, replay, schedules, webhook deliveries."""
+"""Automation: feedback and retraining, lineage, replay, schedules, webhook deliveries."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ _SPEC_BODY_DOC = {
 async def read_spec_body(request: Request) -> object:
     """The request body as data: JSON, or YAML when the Content-Type says so.
 
-    Bounded (issue 11): the body size (413 above FARM_API_MAX_BODY_BYTES, see api/limits.py), YAML aliases and
+    Bounded: the body size (413 above FARM_API_MAX_BODY_BYTES, see api/limits.py), YAML aliases and
     expansion, nesting depth, number size and NUL characters; each refusal is a 422 quoting at most an excerpt.
     """
     raw = await request.body()
@@ -81,7 +81,7 @@ def submit_job(spec: Annotated[object, Depends(read_spec_body)], caller: CallerD
     and nothing queued, unless `?force=true`.
     """
     # parse_spec first: a bare string body must never be taken for a spec file path on the server; and the caller
-    # is remote: its datasets must be uploads or store: refs, its local models under FARM_MODEL_ROOTS (issue 11).
+    # is remote: its datasets must be uploads or store: refs, its local models under FARM_MODEL_ROOTS.
     return service.submit_job(parse_spec(spec), submitted_by=caller, settings=settings, force=force, remote=True)
 
 

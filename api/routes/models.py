@@ -1,4 +1,4 @@
-"""Merged models and checkpoints (issue 13): POST /v1/merges, GET /v1/jobs/{job_id}/checkpoints, and one
+"""Merged models and checkpoints: POST /v1/merges, GET /v1/jobs/{job_id}/checkpoints, and one
 checkpoint's adapter folder (file list with sha256, file bytes) for `farm pull JOB@step-K` over the API."""
 
 from __future__ import annotations

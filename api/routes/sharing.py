@@ -1,4 +1,4 @@
-"""Routing and sharing (issue 15): which adapter fits a query, and an adapter version as a bundle for another farm."""
+"""Routing and sharing: which adapter fits a query, and an adapter version as a bundle for another farm."""
 
 from __future__ import annotations
 

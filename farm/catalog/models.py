@@ -131,7 +131,7 @@ class Checkpoint(Base):
     prefix: Mapped[str] = mapped_column(String(512))
     files: Mapped[list] = mapped_column(JSON)  # [{path, size, sha256}]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # issue 13: train loss and eval loss at this step, for `farm checkpoints`
+    # train loss and eval loss at this step, for `farm checkpoints`
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="checkpoints")
@@ -180,13 +180,13 @@ class AdapterFile(Base):
     adapter: Mapped[Adapter] = relationship(back_populates="files")
 
 
-# ---------------------------------------------------------------- issue 12 (catalog at scale)
+# ---------------------------------------------------------------- catalog at scale
 # `farm jobs` reads newest first (created_at DESC, id DESC), optionally for one state: each index hands those rows
 # over in that order (scanned backwards), so a page of 50 reads 50 index entries instead of sorting the table.
 Index("ix_jobs_created_at_id", Job.created_at, Job.id)
 Index("ix_jobs_state_created_at_id", Job.state, Job.created_at, Job.id)
 
-# ---------------------------------------------------------------- issue 14 (automation)
+# ---------------------------------------------------------------- automation
 
 class JobLineage(Base):
     """Why a job exists and what it is, by content: the dedupe key, and a replay's or a firing's origin."""
@@ -307,7 +307,7 @@ class WebhookAttempt(Base):
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
 
 
-# ---------------------------------------------------------------- issue 15 (routing, sharing)
+# ---------------------------------------------------------------- routing, sharing
 
 class AdapterProfile(Base):
     """What an adapter version is for, as the router sees it: built at publish (or lazily, for older and imported

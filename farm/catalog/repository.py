@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import false, func, select, update
+from sqlalchemy import delete, false, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from farm.catalog.models import (
@@ -77,6 +77,12 @@ def create_job(session: Session, *, kind: str, name: str, queue: str, spec: dict
     return job
 
 
+def delete_job(session: Session, job_id: str) -> None:
+    """Take back a job recorded by this submit (its doorbell could not ring): one DELETE, the database removes its
+    events and lineage with it (ON DELETE CASCADE), whatever the ORM has loaded."""
+    session.execute(delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False))
+
+
 def get_job(session: Session, job_id: str) -> Job:
     """The job with this id, or the only job whose id starts with it (4 characters at least, as git does)."""
     job = session.get(Job, job_id)
@@ -106,7 +112,7 @@ def job_prefix_query(prefix: str):
 
 def list_jobs_query(*, state: str | None = None, kind: str | None = None, name: str | None = None,
                     limit: int = 50, offset: int = 0):
-    """The listing's SELECT, newest first, in the order of the (state,) created_at, id indexes (issue 12)."""
+    """The listing's SELECT, newest first, in the order of the (state,) created_at, id indexes."""
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
     if state:
         q = q.where(Job.state == state)
@@ -144,14 +150,14 @@ def claim_job(session: Session, job_id: str, worker: str, lease_seconds: float) 
     return Claim(job_id, attempt, worker)
 
 
-# issue 10: how many waiting jobs a group claim looks at for partners (oldest first)
+# how many waiting jobs a group claim looks at for partners (oldest first)
 COTRAIN_CANDIDATES = 200
 
 
 def claim_cotrain_group(session: Session, job_id: str, worker: str, lease_seconds: float, max_size: int,
                         key) -> list[Claim]:
     """Claim `job_id` and, in the same transaction, up to max_size - 1 other waiting jobs of its queue whose
-    co-training key (`key(spec)`, None: trains alone) equals its own, oldest first (issue 10).
+    co-training key (`key(spec)`, None: trains alone) equals its own, oldest first.
 
     Each partner is taken with claim_job's compare-and-set, so it gets its own lease, attempt and fencing token;
     its own broker message later loses the claim as any duplicate does. [] when `job_id` itself is not claimable.
@@ -169,7 +175,7 @@ def claim_cotrain_group(session: Session, job_id: str, worker: str, lease_second
 def claim_cotrain_partners(session: Session, *, kind: str, queue: str, wanted, worker: str, lease_seconds: float,
                            limit: int, key) -> list[Claim]:
     """Claim up to `limit` waiting jobs of this kind and queue whose `key(spec)` equals `wanted`, oldest first: a
-    group's partners at its start, or jobs joining a running group between its steps (issue 10)."""
+    group's partners at its start, or jobs joining a running group between its steps."""
     if wanted is None or limit <= 0:
         return []
     lock_for_write(session)
@@ -233,7 +239,7 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> str:
 def record_progress(session: Session, claim: Claim, progress: dict, *, event_type: str = "progress") -> None:
     """Store the latest progress on the job and append it as an event."""
     job = _fenced(session, claim)
-    # issue 16: the latest eval loss stays beside the latest step's figures (`farm jobs`, the console)
+    # the latest eval loss stays beside the latest step's figures (`farm jobs`, the console)
     last_eval = {"eval_loss": job.progress["eval_loss"]} if job.progress and "eval_loss" in job.progress else {}
     if event_type in ("progress", "publishing"):  # publishing: the last step's figures, phase `publishing`
         job.progress = {**progress, **last_eval}
@@ -248,7 +254,7 @@ def record_checkpoint(session: Session, claim: Claim, step: int, prefix: str, fi
     existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
     if existing is not None:
         existing.attempt, existing.prefix, existing.files = claim.attempt, prefix, files
-        existing.metrics = metrics  # issue 13
+        existing.metrics = metrics
     else:
         session.add(Checkpoint(job_id=job.id, attempt=claim.attempt, step=step, prefix=prefix, files=files,
                                metrics=metrics))
@@ -262,12 +268,12 @@ def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
 
 
 def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
-    """A job's checkpoints, oldest step first (issue 13)."""
+    """A job's checkpoints, oldest step first."""
     return list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 
 
 def delete_checkpoints(session: Session, job_id: str, steps: list[int]) -> None:
-    """Forget these checkpoints of a job (their store objects are deleted by the caller first; issue 13)."""
+    """Forget these checkpoints of a job (their store objects are deleted by the caller first)."""
     if steps:
         for ckpt in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step.in_(steps))):
             session.delete(ckpt)

@@ -1,4 +1,4 @@
-"""CLI commands of issue 15: route, generate, export, import, remote add/list.
+"""CLI commands for routing and sharing: route, generate, export, import, remote add/list.
 
 With FARM_API_URL set, route, generate (its pull and --route), export and import (of a bundle file) go through
 the farm's API; else they use this farm's own catalog and store. generate always runs the model here.

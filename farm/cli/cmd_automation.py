@@ -1,4 +1,4 @@
-"""CLI commands of issue 14: feedback, retrain, lineage, schedule, beat, replay, deliveries.
+"""CLI commands for automation: feedback, retrain, lineage, schedule, beat, replay, deliveries.
 
 Locally they call farm.automation; with FARM_API_URL set they call the API's routes (api/routes/automation.py).
 """

@@ -1,4 +1,4 @@
-"""CLI commands of issue 16 (seeing the farm): `farm logs`, and the helpers behind `farm events [-f]` and the
+"""CLI commands for seeing the farm: `farm logs`, and the helpers behind `farm events [-f]` and the
 no-worker hint of `farm submit --wait`."""
 
 from __future__ import annotations

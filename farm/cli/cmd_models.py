@@ -1,4 +1,5 @@
-"""CLI commands of issue 13: `farm checkpoints JOB`, `farm merge NAME[:V]` (and `farm pull JOB@step-K` in main)."""
+"""CLI commands for checkpoints and merges: `farm checkpoints JOB`, `farm merge NAME[:V]` (and
+`farm pull JOB@step-K` in main)."""
 
 from __future__ import annotations
 

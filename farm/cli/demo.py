@@ -36,7 +36,7 @@ def demo_spec(model_dir: Path, data_path: Path, steps: int) -> dict:
         "kind": "train", "name": "demo-chat", "base_model": str(model_dir),
         "dataset": {"path": str(data_path), "format": "chat", "eval_fraction": 0.1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        # float32 compute: on a CPU, bfloat16 matmuls are many times slower (issue 16)
+        # float32 compute: on a CPU, bfloat16 matmuls are many times slower
         "quantization": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"},
         # 200 steps of 8 rows: the tiny model learns all 12 animal -> colour answers (measured: 11 of 12 exact;
         # 100 steps: 6; lr 2e-2 diverges), so the demo shows an adapter that learned, not one that changed

@@ -59,7 +59,7 @@ class _FarmGroup(TyperGroup):
 
 
 app = typer.Typer(help="A training farm for LoRA/QLoRA adapters.", no_args_is_help=True, cls=_FarmGroup,
-                  pretty_exceptions_enable=False, add_completion=True)  # issue 16: farm --install-completion
+                  pretty_exceptions_enable=False, add_completion=True)  # farm --install-completion
 db_app = typer.Typer(help="Catalog database commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -77,7 +77,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the farm's version and exit.")) -> None:
-    """A training farm for LoRA/QLoRA adapters."""  # issue 16: farm --version
+    """A training farm for LoRA/QLoRA adapters."""  # farm --version
 
 
 def _client():
@@ -86,7 +86,7 @@ def _client():
     settings = get_settings()
     if settings.api_url:
         _import_http_client()
-    else:  # issue 16: a missing or unmigrated catalog is one line saying what to run
+    else:  # a missing or unmigrated catalog is one line saying what to run
         from farm.catalog.readiness import check_catalog
 
         check_catalog(settings.database_url, settings.home)
@@ -135,7 +135,7 @@ def worker(
 
     if not (cpu or cpus or gpus):
         raise typer.BadParameter("say which devices: --cpu, --cpus N or --gpus all|0,1")
-    if cpus or cpu:  # issue 12: each CPU slot's runner takes its share of the cores (workers/launch.py cpu_share)
+    if cpus or cpu:  # each CPU slot's runner takes its share of the cores (workers/launch.py cpu_share)
         import os
 
         os.environ["FARM_HOST_CPU_SLOTS"] = str(cpus or 1)
@@ -174,14 +174,14 @@ def submit(
         render.print_json(job)
         _exit_now = True
         return
-    if not json_out and job.deduplicated:  # issue 14
+    if not json_out and job.deduplicated:
         tail = f" ({job.state}{', adapter ' + job.adapter if job.adapter else ''}): not submitted again " \
                "(--force trains anyway)"
         render.print_line(f"identical to job [bold]{job.id}[/bold]{tail}", f"identical to job {job.id}{tail}")
     elif not json_out:
         tail = f" ({job.kind} {job.name}) to {job.queue}"
         render.print_line(f"submitted job [bold]{job.id}[/bold]{tail}", f"submitted job {job.id}{tail}")
-    for note in getattr(job, "notes", None) or []:  # issue 13: what the door could not check
+    for note in getattr(job, "notes", None) or []:  # what the door could not check
         from rich.markup import escape
 
         render.err_console.print(f"[yellow]not checked at submit[/yellow]: {escape(note)}", highlight=False)
@@ -201,7 +201,7 @@ def submit(
 def _wait(client, job_id: str, quiet: bool = False):
     if quiet:
         return client.wait(job_id)
-    from farm.cli.cmd_console import with_queue_hint  # issue 16: says when no worker serves the job's queue
+    from farm.cli.cmd_console import with_queue_hint  # says when no worker serves the job's queue
 
     with render.JobProgress(job_id) as bar:
         job = client.wait(job_id, on_update=with_queue_hint(client, bar))
@@ -241,7 +241,7 @@ def show(job_id: str, json_out: bool = JsonOpt,
 def events(job_id: str, after: int = typer.Option(0, help="Only events after this id."), json_out: bool = JsonOpt,
            follow: bool = typer.Option(False, "--follow", "-f", help="Follow new events until the job ends.")) -> None:
     """A job's event log (state changes, progress, evals, checkpoints): a table, or --json."""
-    from farm.cli.cmd_console import show_events  # issue 16
+    from farm.cli.cmd_console import show_events
 
     show_events(_client(), job_id, after=after, json_out=json_out, follow=follow)
 
@@ -273,12 +273,12 @@ def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION, or a checkpo
          json_out: bool = JsonOpt) -> None:
     """Download an adapter (or a job's checkpoint as a PEFT adapter); every file's sha256 is verified before it
     appears at DEST."""
-    if "@" in ref:  # issue 13: JOB@step-K
+    if "@" in ref:  # JOB@step-K
         from farm.cli.cmd_models import pull_checkpoint
 
         result = pull_checkpoint(ref, dest)
     else:
-        from farm.cli.cmd_console import pull_with_progress  # issue 16: a progress bar
+        from farm.cli.cmd_console import pull_with_progress  # a progress bar
 
         result = pull_with_progress(_client(), ref, dest)
     if json_out:
@@ -398,7 +398,7 @@ def main() -> None:
     _cli_process = True
     gc.freeze()  # what the imports made lives as long as the process: no collection scans it again
     gc.enable()  # off while the console script imported this module
-    render.quiet_libraries()  # issue 16: no library warnings or third-party bars in the CLI's output
+    render.quiet_libraries()  # no library warnings or third-party bars in the CLI's output
     try:
         app()
     except FarmError as exc:

@@ -167,7 +167,7 @@ def job_detail(job: JobPublic) -> None:
     if job.adapter:
         _out().print(f"adapter [green]{job.adapter}[/green]")
     cot = job.cotraining or {}
-    if cot.get("cotrained_with"):  # issue 10
+    if cot.get("cotrained_with"):
         sizes = ", ".join(f"{s['size']} from step {s['step']}" for s in cot.get("group_sizes") or [])
         _out().print(f"co-trained with {', '.join(cot['cotrained_with'])}  (group size {sizes or '-'})")
     elif job.progress and (job.progress.get("group_size") or 1) > 1:
@@ -258,7 +258,7 @@ class JobProgress:
         info = _progress_text(p, job.state, self.mean_tokens_per_s(p)) if p else ""
         if p.get("phase") == "extract" and p.get("layer"):
             info += f"  {p['layer']}"
-        if job.state == "running" and p.get("phase") == "publishing":  # issue 16: workers/publish.py says so
+        if job.state == "running" and p.get("phase") == "publishing":  # workers/publish.py says so
             info = f"{p.get('step', '?')}/{p.get('total_steps', '?')}  publishing: uploading the artifact, " \
                    "checksums, catalog"
         elif job.state == "running" and p.get("step") and p.get("step") == p.get("total_steps"):

@@ -5,7 +5,7 @@
 
 `transfer_bars(factory)` lets a caller deep in the service layer (a local `farm submit` storing its dataset) find
 the CLI's bar factory without every function passing it on: `counted_transfer(label, total)` yields the bar's
-advance, or None when no bar was asked for (issue 16).
+advance, or None when no bar was asked for.
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ class S3Store(Store):
 
         The transfer manager writes into the temp file itself (a real, seekable file), so parts land at their
         offsets as they arrive. A non-seekable writer would make it buffer out-of-order parts, and with more parts
-        than its in-memory window (s3transfer 0.19: 10) the download deadlocks (issue 11).
+        than its in-memory window (s3transfer 0.19: 10) the download deadlocks.
         """
         full = self._full(key)
         path = Path(path)

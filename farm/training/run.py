@@ -38,7 +38,7 @@ class _Clock:
     def __init__(self):
         self.start = time.perf_counter()
         self.phases: dict[str, float] = {}
-        # issue 12: from the supervisor's launch (workers/launch.py) to here: process start or fork, and imports
+        # from the supervisor's launch (workers/launch.py) to here: process start or fork, and imports
         launched = os.environ.get("FARM_LAUNCHED_AT")
         try:
             self.phases["startup_seconds"] = round(max(0.0, time.time() - float(launched)), 3) if launched else None
@@ -74,7 +74,7 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
     base_dir = Path(job["base_model"])
     if not base_dir.is_dir():
         raise ModelError(f"{base_dir}: base model folder not found (job base_model)", field="base_model")
-    # issue 12: the producer read config.json already and from_pretrained checks it through transformers
+    # the producer read config.json already and from_pretrained checks it through transformers
     # (load_base_model); here only the JSON, so a broken file fails before the weights are hashed.
     from farm.model_files import read_config
 
@@ -142,7 +142,7 @@ def run_training(job: dict, emit: Callable[[dict], None]) -> None:
 
     integrity.verify_base_unchanged(base_checksum, backend.base_params_checksum())
     metrics = summary_metrics(state)
-    # What ran, in epochs too: max_steps may repeat the data many times over (issue 13).
+    # What ran, in epochs too: max_steps may repeat the data many times over.
     metrics.update(steps_per_epoch=plan.steps_per_epoch, epochs=round(state.step / plan.steps_per_epoch, 3))
     with backend.gathered_adapter():  # every process enters: ZeRO-3 gathers the partitioned LoRA weights
         integrity.check_only_adapter_trainable(model)
@@ -218,7 +218,7 @@ def _save_outputs(model, output_dir: Path, state, metrics: dict) -> None:
 
 
 def _save_figures(output_dir: Path, history: list[dict]) -> None:
-    """tensorboard/ and loss.png beside the adapter (issue 13); a worker without tensorboard or matplotlib skips."""
+    """tensorboard/ and loss.png beside the adapter; a worker without tensorboard or matplotlib skips."""
     from farm.training import figures
 
     try:
