@@ -255,6 +255,18 @@ def test_run_supervisor_refuses_bad_requests_before_starting_anything(tmp_path, 
     assert not (tmp_path / "home" / "locks").exists() or not any((tmp_path / "home" / "locks").iterdir())
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--cpus", "0"], "--cpus 0: give at least 1 CPU slot"),
+    (["--cpus", "-2"], "--cpus -2: give at least 1 CPU slot"),
+    ([], "say which devices"),
+])
+def test_farm_worker_refuses_bad_device_options_in_one_line(tmp_path, args, message):
+    out = subprocess.run([str(Path(sys.executable).parent / "farm"), "worker", *args], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "FARM_HOME": str(tmp_path / "home")})
+    assert out.returncode != 0 and message in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "home" / "locks").exists()  # nothing started, no device locked
+
+
 # ---- supervising real processes --------------------------------------------------------------------------------
 
 

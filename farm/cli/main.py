@@ -133,6 +133,8 @@ def worker(
     """Start pinned workers: one per device (or per group of devices), restarted if they die."""
     from workers.supervisor import run_supervisor
 
+    if cpus is not None and cpus < 1:
+        raise typer.BadParameter(f"--cpus {cpus}: give at least 1 CPU slot")
     if not (cpu or cpus or gpus):
         raise typer.BadParameter("say which devices: --cpu, --cpus N or --gpus all|0,1")
     if cpus or cpu:  # each CPU slot's runner takes its share of the cores (workers/launch.py cpu_share)
