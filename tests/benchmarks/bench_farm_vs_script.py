@@ -1,6 +1,6 @@
 """The farm's training loop against a plain user script, in interleaved pairs: farm, plain, farm, plain, ...
 
-    FARM_TEST_E2E_REDIS_DB=30 .venv/bin/python tests/benchmarks/bench_farm_vs_script.py [--steps 60] [--pairs 4]
+    .venv/bin/python tests/benchmarks/bench_farm_vs_script.py [--steps 60] [--pairs 4]
         [--threads 1]
 
 One farm (Redis db FARM_TEST_E2E_REDIS_DB, a SQLite catalog, a file store) and one Celery worker are started

@@ -1,6 +1,6 @@
 """Where one job's time goes, submit to published: a cold runner (FARM_WARM_START=0) and a warm one side by side.
 
-    FARM_TEST_E2E_REDIS_DB=30 .venv/bin/python tests/benchmarks/bench_job_phases.py [--jobs 3] [--steps 12]
+    .venv/bin/python tests/benchmarks/bench_job_phases.py [--jobs 3] [--steps 12]
 
 Starts one farm (Redis, SQLite catalog, file store) and a Celery worker with warm starts off, submits --jobs tiny
 4-bit jobs one after another with `farm submit` (a real CLI process, timed), stops it, then does the same with a

@@ -1,6 +1,6 @@
 """`farm submit` as a user runs it, a fresh process per submit: locally and through a running API (issue 12).
 
-    FARM_TEST_E2E_REDIS_DB=30 .venv/bin/python tests/benchmarks/bench_submit.py [--runs 7] [--top 12] [--baseline DIR]
+    .venv/bin/python tests/benchmarks/bench_submit.py [--runs 7] [--top 12] [--baseline DIR]
 
 Starts one farm (SQLite catalog, Redis, file store: the embedded defaults, in a temporary folder) and `farm api`
 on it, writes a tiny spec (a tiny local model, an 8-line dataset), then runs `farm submit SPEC --force` --runs
