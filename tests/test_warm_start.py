@@ -199,3 +199,23 @@ def test_a_slot_takes_its_next_job_in_the_same_pool_process(farm_stack, tiny_mod
                   for i in ids]
     assert len(workers) == 1, workers  # one pool process (its pid is in the worker name) took all three
     assert claims == [1, 1, 1]
+
+
+def test_a_job_that_finds_the_zygote_importing_waits_for_it_renewing_its_lease(tmp_path, tiny_model_dir):
+    """The worker just started: its zygote is still importing. A job that can renew its lease waits for the zygote
+    (a cold start would redo the same imports on the same cores), renewing the lease meanwhile, and is forked warm;
+    without a way to renew it, the job starts cold."""
+    job_file, spec = _job(tmp_path, tiny_model_dir, tmp_path / "missing.jsonl")
+    try:
+        for keep_alive in (True, False):
+            Zygote.discard()
+            assert not Zygote.for_this_process().is_ready()  # torch alone takes seconds to import
+            beats = []
+            proc = start_runner(job_file, spec, tmp_path,
+                                keep_alive=(lambda: beats.append(1), 0.05) if keep_alive else None)
+            assert isinstance(proc, WarmRunner) is keep_alive
+            assert bool(beats) is keep_alive  # it waited, and renewed the lease while it did
+            proc.stdout.read()
+            assert proc.wait(timeout=120) == 1  # the runner's own answer to a missing dataset, warm or cold
+    finally:
+        Zygote.discard()

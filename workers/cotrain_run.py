@@ -142,7 +142,8 @@ class GroupRun:
         group_file.write_text(json.dumps({"jobs": [a["doc"] for a in self.active.values()]}, indent=1))
         first = next(iter(self.active.values()))
         # forked warm from the worker's zygote when it can be, with the slot's CPU share
-        proc = start_group_runner(group_file, first["spec"], self.dir)
+        proc = start_group_runner(group_file, first["spec"], self.dir,
+                                  keep_alive=(self._heartbeat, self.settings.heartbeat_seconds))
         log.info("co-training group %s: runner pid %d (%s): %s", ", ".join(self.active), proc.pid,
                  "warm" if isinstance(proc, WarmRunner) else "cold", " ".join(map(str, proc.args)))
         return proc
@@ -265,6 +266,8 @@ class GroupRun:
                 states = repo.renew_leases(session, claims, self.settings.lease_seconds)
         except Exception as exc:  # the lease has slack for a few misses
             log.warning("group heartbeat failed: %s", exc)
+            return
+        if self.proc is None:  # renewed while the runner starts; a stale claim is told to leave once it runs
             return
         for job_id, state in states.items():
             if state is None and job_id in self.active and not self.active[job_id].get("leaving"):

@@ -115,7 +115,8 @@ class JobRun:
             return info, dict(job.spec), (ckpt.prefix, ckpt.step) if ckpt else None
 
     def _supervise(self, job_file: Path, spec: dict, timeout_minutes: float | None):
-        proc = start_runner(job_file, spec, self.dir)  # forked warm from the zygote when it can be
+        proc = start_runner(job_file, spec, self.dir,  # forked warm from the zygote when it can be
+                            keep_alive=(self._heartbeat, self.settings.heartbeat_seconds))
         log.info("job %s attempt %d: runner pid %d (%s): %s", self.claim.job_id, self.claim.attempt, proc.pid,
                  "warm" if isinstance(proc, WarmRunner) else "cold", " ".join(map(str, proc.args)))
         reader = threading.Thread(target=self.relay.read, args=(proc,), daemon=True)

@@ -26,10 +26,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from workers.zygote import STATUS
 
+KeepAlive = tuple[Callable[[], object], float]
+"""(renew the claim's lease, seconds between renewals): what a job waiting for its runner to start calls."""
+
 READY_TIMEOUT_S = 600.0  # the zygote's imports; a cold start would pay the same
+ZYGOTE_WAIT_S = 120.0
+"""How long a job waits for a zygote still importing (its worker just started) before it starts cold. What is left
+of the zygote's imports is never more than a cold runner's whole start-up, which would also compete with them for
+the cores; the wait renews the job's lease (`keep_alive`), so a claim is never held silent."""
 
 
 def _allowed_cpus() -> list[int]:
@@ -98,34 +106,57 @@ def warm_start_enabled(spec: dict) -> bool:
     return ranks == 1 and sys.platform.startswith("linux") and flag not in ("0", "false", "no", "off")
 
 
-def start_runner(job_file: Path, spec: dict, cwd: Path):
+def start_runner(job_file: Path, spec: dict, cwd: Path, keep_alive: KeepAlive | None = None):
     """Start the job's runner in its own session; a Popen (cold) or a WarmRunner (forked by the zygote).
 
-    Its stdout (text, line-buffered) carries the runner's events and log lines, stderr included.
+    Its stdout (text, line-buffered) carries the runner's events and log lines, stderr included. `keep_alive`
+    (callable, seconds between calls): while the zygote finishes its imports, renew the job's lease with it; without
+    it a job that finds the zygote importing starts cold.
     """
     argv, env = runner_command(job_file, spec)
-    return _start(argv, [str(job_file)], env, spec, cwd, module="workers.runner", control=False)
+    return _start(argv, [str(job_file)], env, spec, cwd, module="workers.runner", control=False,
+                  keep_alive=keep_alive)
 
 
-def start_group_runner(group_file: Path, spec: dict, cwd: Path):
+def start_group_runner(group_file: Path, spec: dict, cwd: Path, keep_alive: KeepAlive | None = None):
     """Start a co-training group's runner (workers/cotrain_runner.py) in its own session, stdin a pipe for its
     control messages: forked warm from the zygote like a job's runner when it can be, else a fresh process. Same
-    CPU share as a job's runner; a Popen or a WarmRunner."""
+    CPU share and `keep_alive` as a job's runner; a Popen or a WarmRunner."""
     _, env = runner_command(group_file, spec)
     argv = [sys.executable, "-m", "workers.cotrain_runner", str(group_file)]
-    return _start(argv, [str(group_file)], env, spec, cwd, module="workers.cotrain_runner", control=True)
+    return _start(argv, [str(group_file)], env, spec, cwd, module="workers.cotrain_runner", control=True,
+                  keep_alive=keep_alive)
+
+
+def _await_zygote(zygote: "Zygote", keep_alive: KeepAlive | None) -> bool:
+    """Whether the zygote is (or becomes, within ZYGOTE_WAIT_S) ready to fork; renews the lease while it waits."""
+    if zygote.is_ready():
+        return True
+    if keep_alive is None or zygote.ready is not None:  # nobody renews the lease, or it answered: unusable
+        return False
+    beat, every = keep_alive
+    deadline = time.monotonic() + ZYGOTE_WAIT_S
+    next_beat = time.monotonic() + every
+    while zygote.proc.poll() is None and time.monotonic() < deadline:
+        select.select([zygote.sock], [], [], max(0.0, min(next_beat, deadline) - time.monotonic()))
+        if zygote.is_ready():
+            return True
+        if zygote.ready is not None:  # it answered, and cannot fork (CUDA was touched)
+            return False
+        if time.monotonic() >= next_beat:
+            beat()  # a reason to stop (a cancel) is the watch loop's business, right after the start
+            next_beat = time.monotonic() + every
+    return False
 
 
 def _start(argv: list[str], runner_args: list[str], env: dict[str, str], spec: dict, cwd: Path, *, module: str,
-           control: bool):
+           control: bool, keep_alive: KeepAlive | None = None):
     """Fork `module` with `runner_args` from the zygote when it can be, else run `argv` cold; `control`: its stdin
     is a pipe for control messages (else /dev/null). Either way in its own session with its CPU share."""
     cpus = [int(c) for c in env["FARM_RUNNER_CPUS"].split(",")] if env.get("FARM_RUNNER_CPUS") else None
     if warm_start_enabled(spec):
         zygote = Zygote.for_this_process()
-        # Still importing (the worker just started): start this one cold rather than wait with a claim held and
-        # no heartbeat; the zygote serves the next job.
-        if zygote is not None and zygote.is_ready():
+        if zygote is not None and _await_zygote(zygote, keep_alive):
             try:
                 runner = zygote.spawn(runner_args, env, cwd, cpus, title=" ".join(argv), module=module,
                                       stdin=control)
