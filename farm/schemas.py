@@ -201,17 +201,24 @@ class PullResult(_Public):
     files: list[AdapterFilePublic]
 
 
+FIRST_POLL_S = 0.05
+"""A wait's first pause between polls; pauses grow with the time waited (a tenth of it) up to `poll_seconds`, so a
+one-second job is seen ending within ~0.1 s and an hour-long one costs a poll every `poll_seconds`."""
+
+
 def poll_until_finished(fetch, job_id: str, *, on_update=None, poll_seconds: float = 0.5,
                         timeout: float | None = None) -> JobPublic:
     """Call `fetch(job_id)` until the job is succeeded, failed or cancelled; `on_update` sees every view.
 
-    The one wait loop behind the local service layer and the HTTP client.
+    The one wait loop behind the local service layer and the HTTP client. The pause between polls is a tenth of
+    the time waited so far, at least FIRST_POLL_S and at most `poll_seconds`.
     """
     import time
 
     from farm.catalog.models import TERMINAL_STATES
 
-    deadline = None if timeout is None else time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
     while True:
         job = fetch(job_id)
         if on_update:
@@ -220,4 +227,4 @@ def poll_until_finished(fetch, job_id: str, *, on_update=None, poll_seconds: flo
             return job
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f} s")
-        time.sleep(poll_seconds)
+        time.sleep(min(poll_seconds, max(FIRST_POLL_S, (time.monotonic() - start) / 10)))
