@@ -35,7 +35,7 @@ def shrink_after_oom(session, claim, message: str) -> str:
     """Halve micro_batch_size and double grad_accum in the job's spec, record it, hand the job back for another
     attempt. Returns the job's state: `recovering` (re-enqueue it) or `failed` (micro-batch 1 already, or out of
     attempts), as repository.end_failed_attempt does."""
-    job = repo._fenced(session, claim)
+    job = repo.fenced(session, claim)
     spec = dict(job.spec)
     training = dict(spec.get("training") or {})
     mbs, accum = int(training.get("micro_batch_size", 1)), int(training.get("grad_accum", 1))
@@ -62,7 +62,7 @@ def solo_after_group_oom(session, claim, message: str) -> str:
     for it (it would be evicted again until its attempts ran out). Returns `recovering` or `failed`."""
     from farm.errors import EvictedForMemory
 
-    job = repo._fenced(session, claim)
+    job = repo.fenced(session, claim)
     spec = dict(job.spec)
     training = dict(spec.get("training") or {})
     job.spec = {**spec, "training": {**training, "cotrain": False}}

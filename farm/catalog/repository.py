@@ -3,7 +3,7 @@
 Functions take an open Session and do not commit: the caller's unit of work (``session_scope``) does, so each
 use case is one transaction.
 
-Past 400 lines on purpose: every state transition of a job is here, next to `_fenced` and the locking it relies
+Past 400 lines on purpose: every state transition of a job is here, next to `fenced` and the locking it relies
 on, so the state machine reads in one place; adapter queries share the version-numbering lock. The retry
 decision itself is declared in farm.errors (`next_state`); `end_failed_attempt` applies it.
 """
@@ -218,7 +218,8 @@ def lock_for_write(session: Session) -> None:
                         .execution_options(synchronize_session=False))
 
 
-def _fenced(session: Session, claim: Claim, states=ACTIVE_STATES) -> Job:
+def fenced(session: Session, claim: Claim, states=ACTIVE_STATES) -> Job:
+    """The claimed job, locked for this transaction; StaleAttempt when the claim's attempt no longer holds it."""
     lock_for_write(session)
     job = session.get(Job, claim.job_id, with_for_update=True, populate_existing=True)
     if job is None or job.attempt != claim.attempt or job.state not in states:
@@ -231,14 +232,14 @@ def _fenced(session: Session, claim: Claim, states=ACTIVE_STATES) -> Job:
 
 def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> str:
     """Heartbeat: extend the lease. Returns the job's state (``cancelling`` tells the worker to stop)."""
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
     return job.state
 
 
 def record_progress(session: Session, claim: Claim, progress: dict, *, event_type: str = "progress") -> None:
     """Store the latest progress on the job and append it as an event."""
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     # the latest eval loss stays beside the latest step's figures (`farm jobs`, the console)
     last_eval = {"eval_loss": job.progress["eval_loss"]} if job.progress and "eval_loss" in job.progress else {}
     if event_type in ("progress", "publishing"):  # publishing: the last step's figures, phase `publishing`
@@ -250,7 +251,7 @@ def record_progress(session: Session, claim: Claim, progress: dict, *, event_typ
 
 def record_checkpoint(session: Session, claim: Claim, step: int, prefix: str, files: list[dict],
                       metrics: dict | None = None) -> None:
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     existing = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
     if existing is not None:
         existing.attempt, existing.prefix, existing.files = claim.attempt, prefix, files
@@ -281,7 +282,7 @@ def delete_checkpoints(session: Session, job_id: str, steps: list[int]) -> None:
 
 def fail_job(session: Session, claim: Claim, code: str, message: str) -> None:
     """End the attempt failed; the job is over (retry policy lives in the reaper for lost workers)."""
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     job.state, job.error_code, job.error_message = FAILED, code, message[:10_000]
     job.finished_at, job.lease_expires_at = utcnow(), None
     add_event(session, job.id, claim.attempt, "state", state=FAILED, data={"code": code, "message": message[:2000]})
@@ -289,7 +290,7 @@ def fail_job(session: Session, claim: Claim, code: str, message: str) -> None:
 
 def release_for_retry(session: Session, claim: Claim, code: str, message: str) -> bool:
     """A transient failure: back to ``recovering`` when attempts remain (True: re-enqueue), else ``failed``."""
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     if not attempts_left(job.attempt, job.max_attempts):
         fail_job(session, claim, code, f"{message}\n(all {job.max_attempts} attempts used)")
         return False
@@ -302,7 +303,7 @@ def release_for_retry(session: Session, claim: Claim, code: str, message: str) -
 def end_failed_attempt(session: Session, claim: Claim, code: str, message: str) -> str:
     """End an attempt that failed with `code` as the retry policy says (farm.errors.next_state); returns the job's
     new state: ``recovering`` (re-enqueue it) or ``failed``."""
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     if next_state(code, attempt=job.attempt, max_attempts=job.max_attempts) == RECOVERING:
         release_for_retry(session, claim, code, message)
         return RECOVERING
@@ -313,7 +314,7 @@ def end_failed_attempt(session: Session, claim: Claim, code: str, message: str) 
 
 
 def mark_cancelled(session: Session, claim: Claim) -> None:
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     job.state, job.finished_at, job.lease_expires_at = CANCELLED, utcnow(), None
     add_event(session, job.id, claim.attempt, "state", state=CANCELLED)
 
@@ -374,7 +375,7 @@ def _lock_adapter_name(session: Session, name: str) -> None:
 
     Two jobs of one name finishing together would both read the same max(version) and one would fail on the
     unique (name, version). PostgreSQL: a transaction-scoped advisory lock keyed by the name. SQLite: the write
-    lock that ``_fenced`` already holds serialises all writers.
+    lock that ``fenced`` already holds serialises all writers.
     """
     if session.get_bind().dialect.name == "postgresql":
         key = int.from_bytes(hashlib.sha256(f"farm.adapter:{name}".encode()).digest()[:8], "big", signed=True)
@@ -383,7 +384,7 @@ def _lock_adapter_name(session: Session, name: str) -> None:
 
 def reserve_adapter_version(session: Session, claim: Claim, *, name: str, kind: str, spec_hash: str) -> Adapter:
     """Reserve the next version of `name` for this job (idempotent: a job keeps its version across retries)."""
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     existing = session.scalar(select(Adapter).where(Adapter.job_id == job.id))
     if existing is not None:
         return existing
@@ -410,7 +411,7 @@ def publish_adapter(session: Session, claim: Claim, *, files: list[dict], proven
     adapter = session.scalar(select(Adapter).where(Adapter.job_id == claim.job_id))
     if job is not None and job.state == SUCCEEDED and adapter is not None and adapter.status == READY:
         return adapter
-    job = _fenced(session, claim)
+    job = fenced(session, claim)
     if adapter is None:
         raise InvalidState(f"job {job.id} has no reserved adapter version; call reserve_adapter_version first")
     adapter.status, adapter.published_at = READY, utcnow()
